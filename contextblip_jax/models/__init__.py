@@ -1,0 +1,1 @@
+"""Flax modules: BLIP backbone (vit, bert, blip) and the ContextBLIP additions."""

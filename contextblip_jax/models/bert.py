@@ -1,0 +1,178 @@
+"""BLIP text encoder (med.py `BertModel`, SPEC §2.1) and the reusable post-LN BERT layer.
+
+Post-LN layers: self-attention, an optional cross-attention sublayer (to image tokens, or to text
+for the TMIM decoder), FFN. No token-type embeddings. Names mirror the checkpoint:
+`embeddings/{word_embeddings,position_embeddings,LayerNorm}`,
+`encoder/layer_{i}/{attention,crossattention}/{query,key,value,dense,LayerNorm}`,
+`encoder/layer_{i}/{intermediate,output,output_LayerNorm}`.
+
+`BertEncoder` is also the TMIM decoder (4 layers, 8 heads) and `BertLayer` the inter-context
+encoder layer, configured through `TextConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from contextblip_jax.models import layers
+from contextblip_jax.models.variants import TextConfig
+
+SELF_MASK_VALUE = -10000.0                       # med.py get_extended_attention_mask
+CROSS_MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # HF invert_attention_mask
+
+
+@dataclasses.dataclass
+class TextOutput:
+  """`last_hidden_state` [B, T, D]; `cross_attentions` one [B, H, T, N] float32 per layer
+  (pre-dropout probabilities; empty unless requested)."""
+  last_hidden_state: jax.Array
+  cross_attentions: tuple[jax.Array, ...] = ()
+
+
+jax.tree_util.register_dataclass(
+    TextOutput, data_fields=["last_hidden_state", "cross_attentions"], meta_fields=[])
+
+
+class BertAttention(nn.Module):
+  """Attention sublayer: `LN(h + Dropout(dense(MHA(q=h, kv=context))))`."""
+  config: TextConfig
+  kv_width: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.query = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
+    self.key = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
+    self.value = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
+    self.dense = layers.Dense(c.hidden_size, axes=("heads", "embed"), **kw)
+    self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, **kw)
+    self.attn_dropout = nn.Dropout(c.attention_dropout)
+    self.out_dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, h, context, bias, deterministic: bool):
+    """h [B, T, D]; context [B, N, kv_width]; bias [B, 1, 1, N] -> (h [B, T, D], probs)."""
+    b, t, _ = h.shape
+    heads = self.config.num_heads
+    q = self.query(h).reshape(b, t, heads, -1)
+    k = self.key(context).reshape(b, context.shape[1], heads, -1)
+    v = self.value(context).reshape(b, context.shape[1], heads, -1)
+    ctx, probs = layers.attention(
+        q, k, v, bias, dtype=self.dtype,
+        dropout=lambda p: self.attn_dropout(p, deterministic=deterministic))
+    out = self.out_dropout(self.dense(ctx.reshape(b, t, -1)), deterministic=deterministic)
+    return self.LayerNorm(h + out), probs
+
+
+class BertLayer(nn.Module):
+  config: TextConfig
+  has_cross_attention: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.attention = BertAttention(c, c.hidden_size, **kw)
+    if self.has_cross_attention:
+      self.crossattention = BertAttention(c, c.encoder_width, **kw)
+    self.intermediate = layers.Dense(c.intermediate_size, axes=("embed", "mlp"), **kw)
+    self.output = layers.Dense(c.hidden_size, axes=("mlp", "embed"), **kw)
+    self.output_LayerNorm = layers.LayerNorm(c.layer_norm_eps, **kw)
+    self.output_dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, h, self_bias=None, encoder_states=None, cross_bias=None,
+               deterministic: bool = True):
+    """h [B, T, D] -> (h [B, T, D], cross-attention probs [B, H, T, N] or None)."""
+    h, _ = self.attention(h, h, self_bias, deterministic)
+    cross = None
+    if encoder_states is not None:
+      if not self.has_cross_attention:
+        raise ValueError("encoder_states given to a BertLayer built without cross-attention")
+      h, cross = self.crossattention(h, encoder_states, cross_bias, deterministic)
+    ffn = self.output(nn.gelu(self.intermediate(h), approximate=False))
+    h = self.output_LayerNorm(h + self.output_dropout(ffn, deterministic=deterministic))
+    return layers.constrain(h, ("batch", "length", "embed")), cross
+
+
+class BertEncoder(nn.Module):
+  """A stack of `num_layers` BertLayers (`layer_{i}`)."""
+  config: TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.layer = [BertLayer(c, c.add_cross_attention, self.dtype, self.param_dtype)
+                  for _ in range(c.num_layers)]
+
+  def __call__(self, h, attention_mask=None, encoder_states=None, encoder_mask=None,
+               deterministic: bool = True, return_cross_attentions: bool = False) -> TextOutput:
+    """h [B, T, D]; attention_mask [B, T]; encoder_states [B, N, W]; encoder_mask [B, N]."""
+    self_bias = None if attention_mask is None else layers.padding_bias(
+        attention_mask, SELF_MASK_VALUE)
+    cross_bias = None
+    if encoder_states is not None and encoder_mask is not None:
+      cross_bias = layers.padding_bias(encoder_mask, CROSS_MASK_VALUE)
+    crosses = []
+    for lyr in self.layer:
+      h, cross = lyr(h, self_bias, encoder_states, cross_bias, deterministic)
+      if return_cross_attentions and cross is not None:
+        crosses.append(cross)
+    return TextOutput(last_hidden_state=h, cross_attentions=tuple(crosses))
+
+
+class BertEmbeddings(nn.Module):
+  config: TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    emb = lambda n: nn.with_logical_partitioning(layers.bert_init, (n, "embed"))
+    self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=emb("vocab"),
+                                    dtype=self.dtype, param_dtype=self.param_dtype)
+    self.position_embeddings = nn.Embed(
+        c.max_position_embeddings, c.hidden_size, embedding_init=emb(None),
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, self.dtype, self.param_dtype)
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, input_ids, deterministic: bool = True):
+    """input_ids [B, T] -> [B, T, D]."""
+    t = input_ids.shape[1]
+    if t > self.config.max_position_embeddings:
+      raise ValueError(f"text length {t} exceeds max_position_embeddings "
+                       f"{self.config.max_position_embeddings}")
+    x = self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(t))[None]
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+class BertModel(nn.Module):
+  """BLIP text encoder. `mode='text'` skips cross-attention (ITC); `'multimodal'` uses it."""
+  config: TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config, self.dtype, self.param_dtype)
+    self.encoder = BertEncoder(self.config, self.dtype, self.param_dtype)
+
+  def __call__(self, input_ids, attention_mask, encoder_states=None, encoder_mask=None,
+               mode: str = "multimodal", deterministic: bool = True,
+               return_cross_attentions: bool = False) -> TextOutput:
+    """input_ids, attention_mask [B, T]; encoder_states [B, N, W] (multimodal only)."""
+    if mode not in ("text", "multimodal"):
+      raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
+    if mode == "multimodal" and encoder_states is None:
+      raise ValueError("mode='multimodal' needs encoder_states (the image tokens)")
+    if mode == "text":
+      encoder_states = encoder_mask = None
+    # encoder_mask None = all image tokens visible (no bias is built at all).
+    h = self.embeddings(input_ids, deterministic)
+    return self.encoder(h, attention_mask, encoder_states, encoder_mask, deterministic,
+                        return_cross_attentions)

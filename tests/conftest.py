@@ -1,0 +1,28 @@
+"""Test set-up: 8 forced CPU devices before JAX initialises, so mesh code runs on CPU."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+IMAGECODE_DIR = os.path.join(SHARED_DIR, "imagecode")
+
+
+@pytest.fixture(scope="session")
+def imagecode_dir():
+  """The real IMAGECODE annotation files (../shared/imagecode), required by some tests."""
+  if not os.path.isdir(IMAGECODE_DIR):
+    raise FileNotFoundError(f"IMAGECODE annotations expected at {IMAGECODE_DIR}")
+  return IMAGECODE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
