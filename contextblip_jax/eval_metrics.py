@@ -1,0 +1,182 @@
+"""IMAGECODE scoring (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy,
+the predictions JSONL and the leaderboard JSON.
+
+A prediction record is one description:
+  {"set": str, "index": int (position among the set's descriptions), "description": str,
+   "static": bool, "gold": int | None, "pred": int, "scores": [10 floats]}
+`index` is the position in the annotation file's order, so the leaderboard keeps that order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+CHANCE = 0.1   # 1 of 10 candidates
+TAG_NAMES = {  # IMAGECODE phenomenon tags (shared/imagecode/README.md)
+    "con": "context", "t": "temporal", "q": "quantities", "s": "spatial", "neg": "negation",
+    "v": "visibility/occlusion", "n": "nuances", "cor": "co-reference", "img": "meta",
+    "col": "colour",
+}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+  """95% Wilson score interval of a proportion k/n; (0, 1) for n = 0."""
+  if n <= 0:
+    return 0.0, 1.0
+  p = k / n
+  denom = 1.0 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_entry(correct: Sequence[bool]) -> dict[str, Any]:
+  """{'n', 'correct', 'acc', 'ci95': [lo, hi]} of a list of booleans (acc NaN when empty)."""
+  n, k = len(correct), int(sum(bool(c) for c in correct))
+  lo, hi = wilson_interval(k, n)
+  return {"n": n, "correct": k, "acc": (k / n) if n else float("nan"), "ci95": [lo, hi]}
+
+
+def accuracy_report(records: Sequence[Mapping[str, Any]],
+                    tags: Mapping[tuple[str, int], Sequence[str]] | None = None
+                    ) -> dict[str, Any]:
+  """Accuracy for all / video / static descriptions (and per tag when `tags` is given).
+
+  `tags` maps (set name, gold index) to the description's phenomenon tags. Records without a
+  gold label are not scored (they belong in the leaderboard file only).
+  """
+  labelled = [r for r in records if r.get("gold") is not None]
+  ok = [int(r["pred"]) == int(r["gold"]) for r in labelled]
+  static = [bool(r["static"]) for r in labelled]
+  report: dict[str, Any] = {
+      "all": accuracy_entry(ok),
+      "video": accuracy_entry([c for c, s in zip(ok, static) if not s]),
+      "static": accuracy_entry([c for c, s in zip(ok, static) if s]),
+      "unlabelled": len(records) - len(labelled),
+  }
+  if tags is not None:
+    per_tag: dict[str, list[bool]] = {}
+    tagged = 0
+    for r, c in zip(labelled, ok):
+      t = tags.get((r["set"], int(r["gold"])))
+      if not t:
+        continue
+      tagged += 1
+      for tag in t:
+        per_tag.setdefault(tag, []).append(c)
+    report["tags"] = {tag: accuracy_entry(v) for tag, v in sorted(per_tag.items())}
+    report["tagged"] = tagged
+  return report
+
+
+def format_report(report: Mapping[str, Any], name: str = "") -> str:
+  """Human-readable lines: 'all 31.06% [29.2, 33.0] (715/2302)  vs chance 10%'."""
+  lines = []
+  for key in ("all", "video", "static"):
+    e = report[key]
+    if e["n"] == 0:
+      lines.append(f"{name} {key:6s}  n=0")
+      continue
+    lo, hi = e["ci95"]
+    lines.append(f"{name} {key:6s} {100 * e['acc']:6.2f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+                 f"({e['correct']}/{e['n']})  chance {100 * CHANCE:.0f}%")
+  for tag, e in report.get("tags", {}).items():
+    lines.append(f"{name} tag {tag:4s} {100 * e['acc']:6.2f}% ({e['correct']}/{e['n']})")
+  return "\n".join(line.strip() for line in lines)
+
+
+def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:
+  """(set name, gold index) -> tags from IMAGECODE's manual_annotation_valid.yaml.
+
+  Raises ValueError naming the file and entry on a malformed entry.
+  """
+  import yaml  # pylint: disable=g-import-not-at-top
+  with open(yaml_path, encoding="utf-8") as f:
+    data = yaml.safe_load(f)
+  if not isinstance(data, dict):
+    raise ValueError(f"{yaml_path}: expected a mapping of set names at the top level")
+  out: dict[tuple[str, int], list[str]] = {}
+  for set_name, entries in data.items():
+    if not isinstance(entries, dict):
+      raise ValueError(f"{yaml_path}: set {set_name!r}: expected a mapping of gold indices")
+    for idx, entry in entries.items():
+      try:
+        gold = int(idx)
+      except (TypeError, ValueError):
+        raise ValueError(f"{yaml_path}: set {set_name!r}: key {idx!r} is not an image index"
+                         ) from None
+      if not isinstance(entry, dict) or not isinstance(entry.get("annotation", ""), str):
+        raise ValueError(f"{yaml_path}: set {set_name!r} index {idx}: expected a mapping "
+                         "with a string 'annotation'")
+      tags = [t.strip() for t in (entry.get("annotation") or "").split(",") if t.strip()]
+      out[(str(set_name), gold)] = tags
+  return out
+
+
+def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+  """One JSON line per description with all ten scores; returns the number written."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  n = 0
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      scores = [float(s) for s in np.asarray(r["scores"], np.float64).reshape(-1)]
+      line = {"set": r["set"], "index": int(r["index"]), "description": r["description"],
+              "static": bool(r["static"]),
+              "gold": None if r.get("gold") is None else int(r["gold"]),
+              "pred": int(r["pred"]), "scores": scores}
+      f.write(json.dumps(line) + "\n")
+      n += 1
+  os.replace(tmp, path)
+  return n
+
+
+def read_predictions(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def leaderboard(records: Sequence[Mapping[str, Any]],
+                expected: Mapping[str, Sequence[Any]]) -> dict[str, list[int]]:
+  """`{set: [pred, ...]}` in the order of `expected` (the test file's {set: [desc, ...]}).
+
+  Every description of `expected` must have exactly one record: a missing or extra prediction
+  raises ValueError naming the set and position, so a description is never silently dropped.
+  """
+  by_key: dict[tuple[str, int], int] = {}
+  for r in records:
+    key = (r["set"], int(r["index"]))
+    if key in by_key:
+      raise ValueError(f"duplicate prediction for set {key[0]!r} description {key[1]}")
+    by_key[key] = int(r["pred"])
+  out: dict[str, list[int]] = {}
+  for set_name, descs in expected.items():
+    preds = []
+    for i in range(len(descs)):
+      if (set_name, i) not in by_key:
+        raise ValueError(f"no prediction for set {set_name!r} description {i}")
+      p = by_key.pop((set_name, i))
+      if not 0 <= p <= 9:
+        raise ValueError(f"prediction {p} for set {set_name!r} description {i} not in 0-9")
+      preds.append(p)
+    out[set_name] = preds
+  if by_key:
+    extra = sorted(by_key)[:3]
+    raise ValueError(f"{len(by_key)} predictions for descriptions not in the test file, "
+                     f"e.g. {extra}")
+  return out
+
+
+def write_leaderboard(path: str, records: Sequence[Mapping[str, Any]],
+                      expected: Mapping[str, Sequence[Any]]) -> dict[str, list[int]]:
+  """Writes the leaderboard JSON (see `leaderboard`) and returns it."""
+  board = leaderboard(records, expected)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(board, f, indent=1)
+  return board
