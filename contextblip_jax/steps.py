@@ -1,0 +1,302 @@
+"""Sharded training machinery: state initialisation, train/eval steps, ahead-of-time compile.
+
+A loss function has one signature (the objectives module binds model/config/train with
+`functools.partial`):
+
+  loss_fn(params, batch, rng) -> (scalar float32 loss, metrics dict of scalars)
+
+Typical use (see `tests/test_steps.py`):
+
+  mesh = sharding.make_mesh({"data": -1})
+  opt = optim.make_optimizer(optim.default_config("pretrain"), steps_per_epoch)
+  init_fn = lambda rng: model.init(rng, *dummy_inputs)["params"]        # boxed params
+  state, shardings = init_train_state(init_fn, jax.random.PRNGKey(42), tx=opt.tx,
+                                      freeze_rules=[("pretrained_blip/.*", "freeze"),
+                                                    (".*", "train")], mesh=mesh)
+  step = make_train_step(loss_fn, opt, shardings, batch_shardings(batch, mesh), mesh=mesh)
+  step, report = compile_step(step, state, batch, mesh=mesh)   # logs memory and FLOPs once
+  state, metrics = step(state, batch)
+
+Gradient accumulation (`accum_steps=a`): the batch's leading dimension B is split into `a`
+micro-batches (micro-batch i = examples i, i+a, i+2a, ..., so every micro-batch keeps its
+examples spread over all data-parallel devices), gradients/losses/metrics are summed with
+`lax.scan`, then:
+  reduction="sum"  (fine-tuning: the loss is a sum over examples)  -> the sums are used as is;
+  reduction="mean" (pre-training: the loss is a batch mean)        -> the sums are divided by a.
+For a deterministic loss that decomposes over examples, both give exactly the un-accumulated
+step (tested). Losses that couple examples (in-batch hard negatives) then see a pool of B/a
+examples, as under per-device sampling, and micro-batch i draws its randomness from
+fold_in(step_key, i) instead of step_key.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding
+
+from contextblip_jax import sharding as shd
+from contextblip_jax.optim import Optimizer
+from contextblip_jax.train_state import (FreezeRules, TrainState, merge_params,
+                                         partition_params)
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- state
+
+def _opt_state_shardings(opt_abstract: Any, param_shardings: Any, param_abstract: Any,
+                         mesh: jax.sharding.Mesh) -> Any:
+  """Each optimizer-state leaf whose key path ends with a parameter path (same shape) takes
+  that parameter's sharding; everything else (step counts, ...) is replicated."""
+  sh = traverse_util.flatten_dict(param_shardings)
+  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(param_abstract).items()}
+  depth = max((len(k) for k in sh), default=0)
+
+  def one(path, leaf):
+    keys = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+    for n in range(min(depth, len(keys)), 0, -1):
+      k = keys[-n:]
+      if k in sh and shapes[k] == leaf.shape:
+        return sh[k]
+    return shd.replicated(mesh)
+  return jax.tree_util.tree_map_with_path(one, opt_abstract)
+
+
+def abstract_train_state(init_fn: Callable[[jax.Array], Any], *, tx: optax.GradientTransformation,
+                         freeze_rules: FreezeRules, mesh: jax.sharding.Mesh,
+                         rules=None) -> tuple[TrainState, TrainState, Any]:
+  """Shapes and shardings of the state, with nothing allocated.
+
+  Args:
+    init_fn: rng -> *boxed* parameter tree (e.g. `lambda r: model.init(r, ...)["params"]`).
+  Returns:
+    (abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of
+     NamedShardings, boxed abstract params (logical axis names)).
+  """
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  p_sh = shd.param_shardings(boxed, mesh, rules)
+  p_abs = nn.unbox(boxed)
+  tr_abs, fr_abs = partition_params(p_abs, freeze_rules)
+  tr_sh, fr_sh = partition_params(p_sh, freeze_rules)
+  opt_abs = jax.eval_shape(tx.init, tr_abs)
+  opt_sh = _opt_state_shardings(opt_abs, tr_sh, tr_abs, mesh)
+  rep = shd.replicated(mesh)
+  shardings = TrainState(step=rep, trainable=tr_sh, frozen=fr_sh, opt_state=opt_sh, rng=rep)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=tr_abs,
+                        frozen=fr_abs, opt_state=opt_abs,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings, boxed
+
+
+def _override(params: Any, given: Any, shardings: Any) -> Any:
+  """Replaces leaves of `params` by those of the (possibly partial) tree `given`, each placed
+  with device_put onto the target sharding; unknown paths or shape mismatches raise."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  flat_sh = traverse_util.flatten_dict(shardings, sep="/")
+  given_flat = traverse_util.flatten_dict(given, sep="/")
+  unknown = sorted(set(given_flat) - set(flat))
+  if unknown:
+    raise ValueError(f"given parameters not in the model: {unknown[:10]}"
+                     f"{' ...' if len(unknown) > 10 else ''}")
+  for k, v in given_flat.items():
+    if tuple(np.shape(v)) != tuple(flat[k].shape):
+      raise ValueError(f"given parameter {k!r} has shape {np.shape(v)}, the model expects "
+                       f"{flat[k].shape}")
+    flat[k] = jax.device_put(jnp.asarray(v, flat[k].dtype), flat_sh[k])
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def init_train_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, *,
+                     tx: optax.GradientTransformation, freeze_rules: FreezeRules,
+                     mesh: jax.sharding.Mesh, rules=None,
+                     params: Any | None = None) -> tuple[TrainState, TrainState]:
+  """Shape-first, sharded initialisation of the training state.
+
+  eval_shape(init) -> shardings from the logical axis names -> jit(init, out_shardings) (no
+  parameter ever exists whole on one device) -> jit(tx.init, out_shardings) for the optimizer
+  state of the trainable parameters only.
+
+  Args:
+    init_fn: rng -> boxed parameter tree.
+    rng: raw PRNG key; split into the init key and the state's training key.
+    params: optional (partial) tree of given values (converted checkpoint, previous stage);
+      they replace the initialised leaves at the same paths, placed with device_put.
+  Returns:
+    (state, shardings): the TrainState and the TrainState of its NamedShardings.
+  """
+  _, shardings, _ = abstract_train_state(init_fn, tx=tx, freeze_rules=freeze_rules,
+                                         mesh=mesh, rules=rules)
+  init_rng, train_rng = jax.random.split(rng)
+
+  def init_params(r):
+    return partition_params(nn.unbox(init_fn(r)), freeze_rules)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.get_rules(rules)):
+    trainable, frozen = jax.jit(init_params, out_shardings=(shardings.trainable,
+                                                            shardings.frozen))(init_rng)
+    if params is not None:
+      full_sh = merge_params(shardings.trainable, shardings.frozen)
+      trainable, frozen = partition_params(
+          _override(merge_params(trainable, frozen), params, full_sh), freeze_rules)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+  rep = shd.replicated(mesh)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), trainable=trainable,
+                     frozen=frozen, opt_state=opt_state,
+                     rng=jax.device_put(jax.random.key_data(train_rng)
+                                        if jnp.issubdtype(train_rng.dtype, jax.dtypes.prng_key)
+                                        else train_rng, rep))
+  return state, shardings
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _micro_batches(batch: Any, accum_steps: int) -> Any:
+  """[B, ...] -> [a, B/a, ...] with micro-batch i = examples i, i+a, ... (strided)."""
+  def split(x):
+    b = x.shape[0]
+    if b % accum_steps:
+      raise ValueError(f"batch dimension {b} is not divisible by accum_steps={accum_steps}")
+    y = x.reshape((b // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(trainable: Any, frozen: Any, batch: Any, rng: jax.Array, *, loss_fn: LossFn,
+                   accum_steps: int = 1, reduction: str = "mean"):
+  """((loss, metrics), grads) with gradients w.r.t. `trainable` only."""
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+  def f(tr, mb, r):
+    return loss_fn(merge_params(tr, frozen), mb, r)
+  grad_fn = jax.value_and_grad(f, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(trainable, batch, rng)
+
+  micro = _micro_batches(batch, accum_steps)
+  first = jax.tree.map(lambda x: x[0], micro)
+  out_shape = jax.eval_shape(grad_fn, trainable, first, rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+  def body(acc, xs):
+    i, mb = xs
+    out = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, acc, out), None
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  if reduction == "mean":
+    total = jax.tree.map(lambda x: x / accum_steps, total)
+  return total
+
+
+def train_step(state: TrainState, batch: Any, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, accum_steps: int = 1, reduction: str = "mean",
+               schedules: Mapping[str, Callable] | None = None) -> tuple[TrainState, dict]:
+  """One optimizer update. Randomness: fold_in(state.rng, state.step). Pure; jit it with
+  `make_train_step`."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  (loss, metrics), grads = loss_and_grads(state.trainable, state.frozen, batch, rng,
+                                          loss_fn=loss_fn, accum_steps=accum_steps,
+                                          reduction=reduction)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics = dict(metrics)
+  metrics["loss"] = loss
+  metrics["grad_norm"] = optax.global_norm(grads)
+  for name, s in (schedules or {}).items():
+    metrics[name] = jnp.asarray(s(state.step), jnp.float32)
+  new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+  return new, metrics
+
+
+def eval_step(state: TrainState, batch: Any, *, loss_fn: LossFn) -> dict:
+  """Loss and metrics without an update (bind `train=False` into `loss_fn`)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss, metrics = loss_fn(state.params, batch, rng)
+  return {**metrics, "loss": loss}
+
+
+def _with_context(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
+  """Runs `fn` with the logical rules and the (abstract) mesh active while it is traced, so
+  every `nn.with_logical_constraint` in the model resolves to the mesh axes."""
+  rules = shd.get_rules(rules)
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+def make_train_step(loss_fn: LossFn, optimizer: Optimizer | optax.GradientTransformation,
+                    state_shardings: TrainState, batch_shardings: Any, *,
+                    mesh: jax.sharding.Mesh, rules=None, accum_steps: int = 1,
+                    reduction: str = "mean", donate: bool = True):
+  """jit(train_step) with explicit in/out shardings; the state argument is donated."""
+  if isinstance(optimizer, Optimizer):
+    tx, schedules = optimizer.tx, optimizer.schedules
+  else:
+    tx, schedules = optimizer, None
+  fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
+                         reduction=reduction, schedules=schedules)
+  return jax.jit(_with_context(fn, mesh, rules),
+                 in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, shd.replicated(mesh)),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, state_shardings: TrainState, batch_shardings: Any, *,
+                   mesh: jax.sharding.Mesh, rules=None):
+  """jit(eval_step) with explicit in/out shardings (nothing donated)."""
+  fn = functools.partial(eval_step, loss_fn=loss_fn)
+  return jax.jit(_with_context(fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=shd.replicated(mesh))
+
+
+# ----------------------------------------------------------------------------- AOT compile
+
+def compile_report(compiled: Any) -> dict[str, float]:
+  """FLOPs (cost_analysis; per device for a partitioned program) and memory_analysis bytes."""
+  report: dict[str, float] = {}
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  if cost:
+    report["flops"] = float(cost.get("flops", float("nan")))
+    report["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    for field in ("argument", "output", "temp", "alias", "generated_code"):
+      report[f"{field}_bytes"] = float(getattr(mem, f"{field}_size_in_bytes", float("nan")))
+  return report
+
+
+def compile_step(jitted: Any, *args: Any, mesh: jax.sharding.Mesh | None = None,
+                 name: str = "step") -> tuple[Any, dict[str, float]]:
+  """Ahead-of-time `.lower(*args).compile()` (args may be ShapeDtypeStructs); logs and
+  returns the report (compile_s, flops, argument/output/temp/alias bytes)."""
+  t0 = time.perf_counter()
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      compiled = jitted.lower(*args).compile()
+  else:
+    compiled = jitted.lower(*args).compile()
+  report = {"compile_s": time.perf_counter() - t0, **compile_report(compiled)}
+  _log.info("%s compiled in %.1f s: %.3g FLOPs/step, argument %.1f MiB, output %.1f MiB, "
+            "temp %.1f MiB", name, report["compile_s"], report.get("flops", float("nan")),
+            report.get("argument_bytes", 0) / 2**20, report.get("output_bytes", 0) / 2**20,
+            report.get("temp_bytes", 0) / 2**20)
+  return compiled, report
