@@ -236,7 +236,8 @@ def initialize_distributed(settings: Any = None, *, env: Mapping[str, str] | Non
   Call once, first thing in `main`, before anything touches a device. `settings` may be absl
   FLAGS, a ConfigDict, a dict, a `DistributedSettings` or None; keyword overrides win.
   Idempotent: a second call (or a call after jax was already initialised) does nothing.
-  Afterwards non-zero processes log warnings only (see `quiet_non_main_processes`).
+  With several processes, non-zero processes then log warnings only
+  (`quiet_non_main_processes`); a single process touches no device here.
   Returns the plan it executed.
   """
   s = settings if isinstance(settings, DistributedSettings) else settings_from(
@@ -247,7 +248,7 @@ def initialize_distributed(settings: Any = None, *, env: Mapping[str, str] | Non
     jax.distributed.initialize(**plan.kwargs)
     logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-  quiet_non_main_processes()
+    quiet_non_main_processes()
   return plan
 
 
@@ -404,3 +405,32 @@ def per_process_batch_size(global_batch_size: int, sharding: jax.sharding.Shardi
   if len(sizes) != 1:
     raise ValueError(f"global batch {global_batch_size} does not split evenly under {sharding}")
   return len(process_batch_rows(sharding, global_batch_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes spanning slow links
+# --------------------------------------------------------------------------------------------
+
+def make_hybrid_mesh(ici: Mapping[str, int], dcn: Mapping[str, int],
+                     devices: Any = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh whose axes are ICI x DCN, for several TPU slices.
+
+  `ici` is the mesh inside one granule (a TPU slice, or a process where devices carry no slice
+  index), `dcn` the mesh of granules; sizes multiply axis by axis, e.g. ici {data: 16, fsdp: 16}
+  x dcn {data: 2} -> (32, 16, 1) with the outer factor of `data` across slices. Either may use
+  -1 for "the rest". Single-slice and single-node meshes should use `sharding.make_mesh`.
+  """
+  from jax.experimental import mesh_utils
+  from contextblip_jax import sharding
+  devices = list(jax.devices() if devices is None else devices)
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  by_process = len(slices) <= 1 or None in slices
+  granules = len({d.process_index for d in devices}) if by_process else len(slices)
+  if len(devices) % granules:
+    raise ValueError(f"{len(devices)} devices do not split evenly over {granules} granules")
+  dcn_shape = sharding.mesh_shape(dcn, granules)
+  ici_shape = sharding.mesh_shape(ici, len(devices) // granules)
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                              process_is_granule=by_process)
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))

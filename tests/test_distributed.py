@@ -151,3 +151,10 @@ def test_rows_follow_device_ownership():
   assert dist.process_batch_rows(sharding, 8).tolist() == list(range(8))
   with pytest.raises(ValueError, match="no rows"):
     dist.process_batch_rows(sharding, 8, process_index=1)
+
+
+def test_hybrid_mesh_single_process_is_ici_only():
+  mesh = dist.make_hybrid_mesh({"data": -1, "tensor": 2}, {"data": 1})
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  with pytest.raises(ValueError):
+    dist.make_hybrid_mesh({"data": -1}, {"data": 2})   # one process = one granule
