@@ -1,0 +1,344 @@
+"""Grain input pipelines: pre-training pairs, IMAGECODE training, IMAGECODE evaluation.
+
+All three are `grain.MapDataset` chains
+
+  source -> [seeded global shuffle] -> (random_)map: load + augment -> map: tokenise
+         -> this process's rows of every global batch -> batch -> repeat -> IterDataset
+
+and every process walks the same global order: global batch b is records [b*G, (b+1)*G) of
+the (per-epoch reshuffled) order, and a process loads only its rows of it (by default the
+contiguous block process_index*G/P ... ; or `shard=distributed.data_shard(sharding, G)`), so N
+processes see exactly the global batches one process would (assemble them with
+`distributed.global_batch`). Augmentation draws from a `np.random.Generator` that Grain seeds
+from (seed, global record index), so batches are deterministic given the seed and do not depend
+on the number of processes, threads or workers. Each epoch is reshuffled and re-augmented.
+
+Batch formats (per process; L = local batch size, S image size, T max_length):
+  pretrain_pipeline:        {"image": f32 [L, S, S, 3], "input_ids": i32 [L, T],
+                             "attention_mask": i32 [L, T]}
+  imagecode_train_pipeline: {"images": f32 [L, 10, S, S, 3], "input_ids": i32 [L, T],
+                             "attention_mask": i32 [L, T], "label": i32 [L], "is_video": bool [L]}
+  imagecode_eval_pipeline (one row per *set*, D = max descriptions per set, 3 in IMAGECODE):
+      {"images": f32 [L, 10, S, S, 3]             each set's candidates once (eval transform)
+       "input_ids", "attention_mask": i32 [L, D, T]  its descriptions ("" where padded)
+       "label": i32 [L, D]                       gold, -1 for test / padded descriptions
+       "desc_mask": bool [L, D]                  real description
+       "example_index": i32 [L, D]               index into split.examples, -1 when padded
+       "set_index": i32 [L]                      index into split.sets, -1 for padded sets
+       "set_mask": bool [L]                      real set (the last global batch is padded)
+       "is_video": bool [L]}
+    Every process gets the same number of batches (ceil(sets / G)), none dropped.
+
+Iterators: `it = iter(pipeline)` is a `grain.DatasetIterator`; `it.get_state()` /
+`it.set_state(state)` (a small JSON-able dict) save and resume the position exactly. With
+Orbax use Grain's handler (grain 0.2.18, `grain/_src/python/checkpoint/handler.py`):
+  ocp.CheckpointManager(dir, item_handlers={"data_iter": grain.checkpoint.CheckpointHandler()})
+  save:    args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it), ...)
+  restore: args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(it), ...)
+(one JSON file per process, process_<i>-of-<n>.json; `checkpointing.py` wraps this).
+
+Sources are picklable top-level classes, so `worker_count > 0` (spawned processes) works; on
+2 cores the default is 0 workers and `num_threads` reader threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from contextblip_jax import preprocess
+from contextblip_jax.data import augment
+from contextblip_jax.data.imagecode import NUM_CANDIDATES, ImagecodeSplit
+from contextblip_jax.data.pairs import PairExample, PairsData
+from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+
+
+# --------------------------------------------------------------------------- sources
+
+def open_image(image: str | bytes, name: str = "<bytes>"):
+  """RGB PIL image from a path or encoded bytes (TFDS records); raises ImageLoadError."""
+  if isinstance(image, (bytes, bytearray, np.bytes_)):
+    return preprocess.decode_rgb(bytes(image), name)
+  return preprocess.open_rgb(image)
+
+
+class PairSource:
+  """Random access to pairs: {"image": path, "caption": cleaned caption, "id": pair_id}."""
+
+  def __init__(self, examples: PairsData | Sequence[PairExample]):
+    examples = examples.examples if isinstance(examples, PairsData) else examples
+    self._images = [e.image_path for e in examples]
+    self._captions = [e.caption for e in examples]
+    self._ids = [e.pair_id for e in examples]
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {"image": self._images[i], "caption": self._captions[i], "id": self._ids[i]}
+
+
+class ImagecodeExampleSource:
+  """Random access to IMAGECODE examples: {"images": 10 paths, "description", "label",
+  "is_video", "id"}. Needs a split read with image checks (paths present)."""
+
+  def __init__(self, split: ImagecodeSplit):
+    missing = [e.example_id for e in split.examples if len(e.image_paths) != NUM_CANDIDATES]
+    if missing:
+      raise ValueError(f"{split.source}: {len(missing)} examples have no image paths (read "
+                       f"with check_images=True), e.g. {missing[0]}")
+    self._records = [(e.image_paths, e.description, e.label, e.is_video, e.example_id)
+                     for e in split.examples]
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    paths, text, label, video, eid = self._records[i]
+    return {"images": paths, "description": text, "label": label, "is_video": video, "id": eid}
+
+
+class ImagecodeSetSource:
+  """Sets for evaluation, padded to `length` with empty sets (set_index -1)."""
+
+  def __init__(self, split: ImagecodeSplit, length: int):
+    self._sets = [(s.image_paths, [split.examples[i].description for i in s.example_indices],
+                   [split.examples[i].label for i in s.example_indices],
+                   list(s.example_indices), s.is_video) for s in split.sets]
+    if any(len(s[0]) != NUM_CANDIDATES for s in self._sets):
+      raise ValueError(f"{split.source}: sets without 10 image paths (read with check_images)")
+    self._length = max(length, len(self._sets))
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if i >= len(self._sets):
+      return {"set_index": -1}
+    paths, texts, labels, ex, video = self._sets[i]
+    return {"set_index": i, "images": paths, "descriptions": texts, "labels": labels,
+            "example_indices": ex, "is_video": video}
+
+
+# --------------------------------------------------------------------------- transforms
+
+class TextEncoder:
+  """Optional caption cleaning + tokenizer call -> (input_ids [n, T], attention_mask [n, T])."""
+
+  def __init__(self, tokenizer: Callable | None = None, max_length: int = 30,
+               clean: Callable[[str], str] | None = None):
+    self.tokenizer = tokenizer if tokenizer is not None else BlipTokenizer()
+    self.max_length = max_length
+    self.clean = clean
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    if self.clean is not None:
+      texts = [self.clean(t) for t in texts]
+    out = self.tokenizer(list(texts), max_length=self.max_length)
+    return (np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32))
+
+
+class LoadPair(grain.transforms.RandomMap):
+  """Pair record -> {"image": f32 [S, S, 3], "text": caption}."""
+
+  def __init__(self, transform: Callable):
+    self.transform = transform
+
+  def random_map(self, element, rng: np.random.Generator):
+    img = open_image(element["image"], str(element.get("id", "<bytes>")))
+    return {"image": self.transform(img, rng), "text": element["caption"]}
+
+
+class LoadCandidates(grain.transforms.RandomMap):
+  """IMAGECODE example -> {"images": f32 [10, S, S, 3], "text", "label", "is_video"}; each
+  candidate augmented independently (one Generator, consumed in candidate order)."""
+
+  def __init__(self, transform: Callable):
+    self.transform = transform
+
+  def random_map(self, element, rng: np.random.Generator):
+    name = str(element.get("id", "<bytes>"))
+    images = np.stack([self.transform(open_image(x, f"{name}[{k}]"), rng)
+                       for k, x in enumerate(element["images"])])
+    return {"images": images, "text": element["description"],
+            "label": np.int32(element["label"]), "is_video": np.bool_(element["is_video"])}
+
+
+class Tokenize(grain.transforms.Map):
+  """Replaces "text" by "input_ids" / "attention_mask" [T]."""
+
+  def __init__(self, encoder: TextEncoder):
+    self.encoder = encoder
+
+  def map(self, element):
+    element = dict(element)
+    ids, mask = self.encoder([element.pop("text")])
+    element["input_ids"], element["attention_mask"] = ids[0], mask[0]
+    return element
+
+
+class LoadSet(grain.transforms.Map):
+  """Set record -> the evaluation row (see the module docstring), padded to D descriptions."""
+
+  def __init__(self, image_size: int, max_descriptions: int, encoder: TextEncoder):
+    self.image_size, self.d, self.encoder = image_size, max_descriptions, encoder
+
+  def map(self, element):
+    d, s = self.d, self.image_size
+    valid = element["set_index"] >= 0
+    texts = list(element["descriptions"]) if valid else []
+    if len(texts) > d:
+      raise ValueError(f"set {element['set_index']} has {len(texts)} descriptions > {d}")
+    n = len(texts)
+    ids, mask = self.encoder(texts + [""] * (d - n))
+    pad = [-1] * (d - n)
+    images = (np.stack([preprocess.load_image(p, s) for p in element["images"]]) if valid
+              else np.zeros((NUM_CANDIDATES, s, s, 3), np.float32))
+    return {"images": images, "input_ids": ids, "attention_mask": mask,
+            "label": np.array((element["labels"] if valid else []) + pad, np.int32),
+            "desc_mask": np.arange(d) < n,
+            "example_index": np.array((element["example_indices"] if valid else []) + pad,
+                                      np.int32),
+            "set_index": np.int32(element["set_index"]), "set_mask": np.bool_(valid),
+            "is_video": np.bool_(element.get("is_video", False))}
+
+
+# --------------------------------------------------------------------------- sharding
+
+def local_rows(global_batch_size: int, shard: Any = None) -> np.ndarray:
+  """Rows of each global batch this process loads.
+
+  `shard`: None (contiguous block of jax.process_index() among jax.process_count()), an
+  object with `.rows` (distributed.DataShard), or a sequence of row indices."""
+  if shard is None:
+    pi, pc = jax.process_index(), jax.process_count()
+    if global_batch_size % pc:
+      raise ValueError(f"global batch {global_batch_size} does not split over {pc} processes")
+    n = global_batch_size // pc
+    return np.arange(pi * n, (pi + 1) * n)
+  rows = np.asarray(getattr(shard, "rows", shard), np.int64).reshape(-1)
+  if rows.size == 0 or rows.min() < 0 or rows.max() >= global_batch_size:
+    raise ValueError(f"shard rows {rows.tolist()} not within a global batch of "
+                     f"{global_batch_size}")
+  return rows
+
+
+class BatchRows(grain.MapDataset):
+  """Element j = this process's row j % L of global batch j // L of the parent (epoch-aware:
+  index e * len(self) + j reads parent index e * len(parent) + ...). A trailing partial
+  global batch is dropped."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: np.ndarray):
+    super().__init__(parent)
+    self._g, self._rows = int(global_batch_size), [int(r) for r in rows]
+    self._n_parent = len(parent)
+    self._length = (self._n_parent // self._g) * len(self._rows)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"BatchRows(global_batch={self._g}, rows={len(self._rows)})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, j = divmod(index, self._length)
+    b, r = divmod(j, len(self._rows))
+    return self._parent[epoch * self._n_parent + b * self._g + self._rows[r]]
+
+
+# --------------------------------------------------------------------------- pipelines
+
+@dataclasses.dataclass
+class Pipeline:
+  """An IterDataset plus its sizes; `iter(pipeline)` -> grain.DatasetIterator."""
+  dataset: grain.IterDataset
+  steps_per_epoch: int        # global batches per epoch
+  global_batch_size: int
+  local_batch_size: int
+  num_records: int            # examples (or sets) per epoch before dropping
+
+  def __iter__(self):
+    return iter(self.dataset)
+
+
+def _finish(ds: grain.MapDataset, n: int, global_batch_size: int, shard, num_epochs,
+            num_threads, prefetch_buffer_size, worker_count) -> Pipeline:
+  rows = local_rows(global_batch_size, shard)
+  if n < global_batch_size:
+    raise ValueError(f"{n} records cannot fill one global batch of {global_batch_size}")
+  ds = BatchRows(ds, global_batch_size, rows).batch(len(rows), drop_remainder=True)
+  steps = len(ds)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                               prefetch_buffer_size=prefetch_buffer_size))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return Pipeline(it_ds, steps, global_batch_size, len(rows), n)
+
+
+def pretrain_pipeline(pairs: PairsData | Sequence[PairExample] | Any, *, image_size: int,
+                      global_batch_size: int, seed: int, tokenizer: Callable | None = None,
+                      max_length: int = 30, augmentation: int | str = 0,
+                      min_scale: float = 0.2, num_epochs: int | None = None, shard: Any = None,
+                      num_threads: int = 2, prefetch_buffer_size: int = 2,
+                      worker_count: int = 0) -> Pipeline:
+  """Pre-training batches {"image", "input_ids", "attention_mask"} (SPEC §7.1 transform).
+
+  `pairs`: reader output or any source of {"image": path | bytes, "caption"} records
+  (e.g. tfds_pairs.TfdsPairSource). Captions are used as given (the reader cleaned them).
+  `augmentation` as augment.make_train_transform (0 = BLIP's; "none" = resize only).
+  """
+  source = PairSource(pairs) if isinstance(pairs, (PairsData, list, tuple)) else pairs
+  transform = augment.make_train_transform(image_size, augmentation, min_scale=min_scale)
+  ds = (grain.MapDataset.source(source).shuffle(seed=seed)
+        .random_map(LoadPair(transform), seed=seed + 1)
+        .map(Tokenize(TextEncoder(tokenizer, max_length))))
+  return _finish(ds, len(source), global_batch_size, shard, num_epochs, num_threads,
+                 prefetch_buffer_size, worker_count)
+
+
+def imagecode_train_pipeline(split: ImagecodeSplit | Any, *, image_size: int,
+                             global_batch_size: int, seed: int,
+                             tokenizer: Callable | None = None, max_length: int = 30,
+                             augmentation: int | str = 0, num_epochs: int | None = None,
+                             shard: Any = None, clean: Callable[[str], str] | None
+                             = pre_caption_imagecode, num_threads: int = 2,
+                             prefetch_buffer_size: int = 2, worker_count: int = 0) -> Pipeline:
+  """IMAGECODE fine-tuning batches {"images", "input_ids", "attention_mask", "label",
+  "is_video"}; the 10 candidates are augmented independently (SPEC §7.3); descriptions are
+  cleaned with pre_caption_imagecode. `split`: reader output or a source of example records
+  (e.g. tfds_imagecode.TfdsImagecodeSource). Drops the last partial global batch."""
+  source = ImagecodeExampleSource(split) if isinstance(split, ImagecodeSplit) else split
+  transform = augment.make_train_transform(image_size, augmentation)
+  ds = (grain.MapDataset.source(source).shuffle(seed=seed)
+        .random_map(LoadCandidates(transform), seed=seed + 1)
+        .map(Tokenize(TextEncoder(tokenizer, max_length, clean))))
+  return _finish(ds, len(source), global_batch_size, shard, num_epochs, num_threads,
+                 prefetch_buffer_size, worker_count)
+
+
+def imagecode_eval_pipeline(split: ImagecodeSplit, *, image_size: int, sets_per_batch: int,
+                            tokenizer: Callable | None = None, max_length: int = 30,
+                            max_descriptions: int | None = None, shard: Any = None,
+                            clean: Callable[[str], str] | None = pre_caption_imagecode,
+                            num_threads: int = 2, prefetch_buffer_size: int = 2,
+                            worker_count: int = 0) -> Pipeline:
+  """One pass over the sets, `sets_per_batch` (global) sets per batch, in file order, each
+  set's images loaded once with the evaluation transform; the last batch is padded."""
+  d = max_descriptions or max((len(s.example_indices) for s in split.sets), default=1)
+  n_batches = max(1, math.ceil(len(split.sets) / sets_per_batch))
+  source = ImagecodeSetSource(split, n_batches * sets_per_batch)
+  ds = grain.MapDataset.source(source).map(
+      LoadSet(image_size, d, TextEncoder(tokenizer, max_length, clean)))
+  pipe = _finish(ds, len(source), sets_per_batch, shard, 1, num_threads,
+                 prefetch_buffer_size, worker_count)
+  pipe.num_records = len(split.sets)
+  return pipe
