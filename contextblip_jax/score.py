@@ -16,6 +16,7 @@ T = 30 (--max-length). Images are resized to the checkpoint's image size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,12 +39,20 @@ def make_score_fn(config: BlipConfig, adapter: dict[str, Any] | None = None):
 
   params = {"pretrained_blip": ..., ["vision_adapter": ...]}. The one text is tiled over the N
   images (SPEC §10 item 22). Outputs: itm_logits [N, 2], itm_prob [N], itc_sim [N] (float32).
+  Cached, so every Scorer of the same architecture in a process shares one compilation.
   """
+  key = None if adapter is None else (tuple(adapter["taps"]), int(adapter["reduction"]))
+  return _make_score_fn(config, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_score_fn(config: BlipConfig, adapter: tuple[tuple[int, ...], int] | None):
+  """`make_score_fn` with a hashable adapter key (taps, reduction)."""
   model = Blip(config)
   vision_adapter = None
   if adapter is not None:
-    vision_adapter = MultiScaleAdapter(width=config.vision.width, taps=tuple(adapter["taps"]),
-                                       reduction=int(adapter["reduction"]))
+    vision_adapter = MultiScaleAdapter(width=config.vision.width, taps=adapter[0],
+                                       reduction=adapter[1])
 
   def score(params, pixels, input_ids, attention_mask):
     blip = {"params": params["pretrained_blip"]}

@@ -15,6 +15,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
@@ -25,21 +26,46 @@ from contextblip_jax.tokenizer import VOCAB_PATH
 TINY_ADAPTER = {"taps": [2, 4], "reduction": 2}   # the tiny ViT has 4 blocks
 
 
+def _random_like(abstract, rng: np.random.Generator):
+  """NumPy random values for an abstract parameter tree (no XLA compilation of `init`).
+
+  LayerNorm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.02), everything else ~ N(0, 0.05).
+  """
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      x = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name.endswith("bias"):
+      x = 0.02 * rng.standard_normal(leaf.shape)
+    else:
+      x = 0.05 * rng.standard_normal(leaf.shape)
+    return x.astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 def tiny_params(config, with_adapter: bool = False, seed: int = 0, adapter=None):
-  """Random plain (unboxed) params {"pretrained_blip": ..., ["vision_adapter": ...]}."""
-  k_blip, k_adapter = jax.random.split(jax.random.key(seed))
+  """Random plain NumPy params {"pretrained_blip": ..., ["vision_adapter": ...]}.
+
+  The BLIP part depends only on (config, seed), so checkpoints with and without an adapter
+  made with one seed share their BLIP weights.
+  """
   s = config.vision.image_size
-  px = jnp.zeros((1, s, s, 3), jnp.float32)
-  ids = jnp.ones((1, 8), jnp.int32)
-  params = {"pretrained_blip": nn.unbox(Blip(config).init(k_blip, px, ids, ids))["params"]}
+  px = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  abstract = jax.eval_shape(
+      lambda k, p, i: nn.unbox(Blip(config).init(k, p, i, i))["params"],
+      jax.random.key(0), px, ids)
+  params = {"pretrained_blip": _random_like(abstract, np.random.default_rng(seed))}
   if with_adapter:
     adapter = adapter or TINY_ADAPTER
     m = MultiScaleAdapter(width=config.vision.width, taps=tuple(adapter["taps"]),
                           reduction=adapter["reduction"])
-    n = config.vision.num_patches + 1
-    x = jnp.zeros((1, n, config.vision.width), jnp.float32)
-    params["vision_adapter"] = nn.unbox(
-        m.init(k_adapter, x, [x] * config.vision.depth))["params"]
+    x = jax.ShapeDtypeStruct((1, config.vision.num_patches + 1, config.vision.width),
+                             jnp.float32)
+    abstract = jax.eval_shape(
+        lambda k, x: nn.unbox(m.init(k, x, [x] * config.vision.depth))["params"],
+        jax.random.key(0), x)
+    params["vision_adapter"] = _random_like(abstract, np.random.default_rng(seed + 1000))
   return params
 
 

@@ -1,0 +1,171 @@
+"""`python -m contextblip_jax.score` on random tiny checkpoints (with and without the adapter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoint_fixtures import make_tiny_checkpoint
+from contextblip_jax import preprocess, score
+from contextblip_jax.models.adapter import MultiScaleAdapter
+from contextblip_jax.models.blip import Blip, ENC_TOKEN_ID
+from contextblip_jax.pretrained import load_pretrained
+from contextblip_jax.tokenizer import BlipTokenizer
+
+TEXT = "The dog, on the LEFT-hand side; is jumping!"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ckpts")
+  # Same seed: identical BLIP weights, the second one adds a vision adapter.
+  return {"plain": make_tiny_checkpoint(root, with_adapter=False, seed=0),
+          "adapter": make_tiny_checkpoint(root, with_adapter=True, seed=0)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, (ext, mode) in enumerate([("png", "RGB"), ("jpg", "RGB"), ("png", "L"), ("png", "RGBA")]):
+    arr = rng.integers(0, 256, (24 + 8 * i, 40, 4), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGBA").convert(mode)
+    path = str(root / f"img{i}.{ext}")
+    img.save(path)
+    paths.append(path)
+  return paths
+
+
+def _run(capsys, argv):
+  rc = score.main(argv)
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def _direct(ckpt_dir, paths, caption, max_length=30):
+  """The scores computed step by step with Blip.apply (no batching, text repeated per image)."""
+  pre = load_pretrained(ckpt_dir)
+  cfg = pre.config
+  model = Blip(cfg)
+  adapter = None
+  if pre.adapter is not None:
+    adapter = MultiScaleAdapter(cfg.vision.width, tuple(pre.adapter["taps"]),
+                                pre.adapter["reduction"])
+  pixels = preprocess.load_images(paths, cfg.vision.image_size)
+  enc = BlipTokenizer(pre.vocab_path)([caption] * len(paths), max_length=max_length)
+
+  @jax.jit
+  def compute(params, pixels, ids, mask):
+    blip = {"params": params["pretrained_blip"]}
+    vis = model.apply(blip, pixels, True, method=Blip.encode_image)
+    embeds = vis.last_hidden_state
+    itm_embeds = embeds
+    if adapter is not None:
+      itm_embeds = adapter.apply({"params": params["vision_adapter"]}, embeds, vis.taps)
+    enc_ids = ids.at[:, 0].set(ENC_TOKEN_ID)
+    h = model.apply(blip, enc_ids, mask, itm_embeds, method=Blip.multimodal,
+                    replace_with_enc=False).last_hidden_state
+    logits = model.apply(blip, h, method=Blip.itm_from_states)
+    itc = jnp.sum(model.apply(blip, embeds, method=Blip.image_features)
+                  * model.apply(blip, ids, mask, method=Blip.text_features), -1)
+    return jax.nn.softmax(logits, -1)[:, 1], itc, logits
+
+  return [np.asarray(x) for x in compute(pre.params, pixels, enc["input_ids"],
+                                         enc["attention_mask"])]
+
+
+@pytest.mark.parametrize("kind", ["plain", "adapter"])
+def test_scores_match_direct_computation(capsys, ckpts, images, kind):
+  rc, out, err = _run(capsys, ["--checkpoint", ckpts[kind], "--text", TEXT, *images])
+  assert rc == 0, err
+  report = json.loads(out)
+  assert report["checkpoint"] == os.path.abspath(ckpts[kind])
+  assert report["image_size"] == 32 and report["source"].startswith("random tiny BLIP")
+  assert (report["vision_adapter"] is not None) == (kind == "adapter")
+  assert report["caption"] == "the dog on the left hand side is jumping"
+  assert report["input_ids"][0] == 101 and report["input_ids"][-1] == 102
+  assert [r["path"] for r in report["images"]] == images
+  prob = np.array([r["itm_prob"] for r in report["images"]])
+  itc = np.array([r["itc_sim"] for r in report["images"]])
+  logits = np.array([r["itm_logits"] for r in report["images"]])
+  assert ((prob >= 0) & (prob <= 1)).all() and ((itc >= -1) & (itc <= 1)).all()
+  want_prob, want_itc, want_logits = _direct(ckpts[kind], images, report["caption"])
+  np.testing.assert_allclose(prob, want_prob, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(itc, want_itc, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert report["best_index"] == int(np.argmax(prob))
+  assert report["best_image"] == images[report["best_index"]]
+  assert len(set(np.round(prob, 7))) > 1     # different images get different scores
+
+
+def test_adapter_changes_itm_not_itc(capsys, ckpts, images):
+  reports = {}
+  for kind, path in ckpts.items():
+    rc, out, err = _run(capsys, ["--checkpoint", path, "--text", TEXT, *images])
+    assert rc == 0, err
+    reports[kind] = json.loads(out)["images"]
+  itc = {k: np.array([r["itc_sim"] for r in v]) for k, v in reports.items()}
+  itm = {k: np.array([r["itm_logits"] for r in v]) for k, v in reports.items()}
+  np.testing.assert_allclose(itc["plain"], itc["adapter"], rtol=1e-6, atol=1e-7)
+  assert np.abs(itm["plain"] - itm["adapter"]).max() > 1e-4
+
+
+def test_batching_pads_without_changing_scores(ckpts, images):
+  pixels = preprocess.load_images(images, 32)
+  pre = load_pretrained(ckpts["plain"])
+  whole = score.Scorer(pre, batch_size=10).score_pixels(pixels, TEXT)
+  pieces = score.Scorer(pre, batch_size=3).score_pixels(pixels, TEXT)   # 3 + (1 padded to 3)
+  assert whole["itm_prob"].shape == pieces["itm_prob"].shape == (4,)
+  for k in whole:
+    np.testing.assert_allclose(whole[k], pieces[k], rtol=1e-5, atol=1e-6)
+
+
+def test_text_flags(capsys, ckpts, images):
+  # Three images, so the compiled shapes are shared with the batching test.
+  base = ["--checkpoint", ckpts["plain"], "--text", "Dog!", *images[:3]]
+  ids = lambda argv: json.loads(_run(capsys, argv)[1])["input_ids"]
+  assert ids(base) == [101, 3899, 102]
+  assert ids(base + ["--no-pre-caption"]) == [101, 3899, 999, 102]
+  long_text = ["--text", " ".join(["dog"] * 50)]
+  assert len(ids(base + long_text)) == 30        # pre_caption keeps 30 words, T = 30
+  assert ids(base + long_text + ["--max-length", "5"]) == [101] + [3899] * 3 + [102]
+  rc, _, err = _run(capsys, base + ["--max-length", "2"])
+  assert rc == 1 and "--max-length" in err
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "missing", "truncated"])
+def test_bad_image_is_a_clean_error_naming_the_file(capsys, tmp_path, ckpts, images, problem):
+  bad = tmp_path / f"broken_{problem}.jpg"
+  if problem == "corrupt":
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+  elif problem == "truncated":
+    with open(images[1], "rb") as f:
+      bad.write_bytes(f.read()[:400])
+  rc, out, err = _run(capsys, ["--checkpoint", ckpts["plain"], "--text", TEXT,
+                               images[0], str(bad)])
+  assert rc == 1 and out == ""
+  assert str(bad) in err and err.startswith("error: cannot load image")
+
+
+def test_missing_checkpoint_is_a_clean_error(capsys, tmp_path, images):
+  rc, out, err = _run(capsys, ["--checkpoint", str(tmp_path / "nope"), "--text", "a", images[0]])
+  assert rc == 1 and out == "" and "nope" in err and "config.json" in err
+
+
+def test_module_entry_point_exit_status(tmp_path, ckpts, images):
+  bad = tmp_path / "not_an_image.png"
+  bad.write_text("hello")
+  proc = subprocess.run([sys.executable, "-m", "contextblip_jax.score", "--checkpoint",
+                         ckpts["plain"], "--text", TEXT, images[0], str(bad)],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 1
+  assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+  assert proc.stdout == ""
