@@ -68,6 +68,35 @@ class BertAttention(nn.Module):
     out = self.out_dropout(self.dense(ctx.reshape(b, t, -1)), deterministic=deterministic)
     return self.LayerNorm(h + out), probs
 
+  def project_kv(self, context):
+    """context [Bk, N, kv_width] -> this sublayer's (keys, values), each [Bk, N, H, Dh]."""
+    bk, n, _ = context.shape
+    heads = self.config.num_heads
+    return (self.key(context).reshape(bk, n, heads, -1),
+            self.value(context).reshape(bk, n, heads, -1))
+
+  def attend_cached(self, h, kv, bias, deterministic: bool):
+    """`__call__` with precomputed `project_kv` output, shared by consecutive rows.
+
+    h [B, T, D] with B = Bk * r: rows i*r .. i*r + r - 1 attend to kv[i] ([Bk, N, H, Dh]);
+    bias [Bk, 1, 1, N] or None. The r rows of one context are folded into the query length,
+    so each context's keys/values are used once, never copied.
+    Returns (h [B, T, D], probs [B, H, T, N]).
+    """
+    b, t, _ = h.shape
+    k, v = kv
+    bk, n, heads = k.shape[0], k.shape[1], self.config.num_heads
+    if b % bk:
+      raise ValueError(f"attend_cached: {b} query rows do not group over {bk} cached contexts")
+    r = b // bk
+    q = self.query(h).reshape(bk, r * t, heads, -1)               # [Bk, r*T, H, Dh]
+    ctx, probs = layers.attention(
+        q, k, v, bias, dtype=self.dtype,
+        dropout=lambda p: self.attn_dropout(p, deterministic=deterministic))
+    probs = probs.reshape(bk, heads, r, t, n).transpose(0, 2, 1, 3, 4).reshape(b, heads, t, n)
+    out = self.out_dropout(self.dense(ctx.reshape(b, t, -1)), deterministic=deterministic)
+    return self.LayerNorm(h + out), probs
+
 
 class BertLayer(nn.Module):
   config: TextConfig
@@ -86,11 +115,19 @@ class BertLayer(nn.Module):
     self.output_dropout = nn.Dropout(c.hidden_dropout)
 
   def __call__(self, h, self_bias=None, encoder_states=None, cross_bias=None,
-               deterministic: bool = True):
-    """h [B, T, D] -> (h [B, T, D], cross-attention probs [B, H, T, N] or None)."""
+               deterministic: bool = True, cross_kv=None):
+    """h [B, T, D] -> (h [B, T, D], cross-attention probs [B, H, T, N] or None).
+
+    `cross_kv`: this layer's precomputed cross-attention (keys, values) from
+    `crossattention.project_kv`, used instead of `encoder_states` (see `attend_cached`).
+    """
     h, _ = self.attention(h, h, self_bias, deterministic)
     cross = None
-    if encoder_states is not None:
+    if cross_kv is not None:
+      if not self.has_cross_attention:
+        raise ValueError("cross_kv given to a BertLayer built without cross-attention")
+      h, cross = self.crossattention.attend_cached(h, cross_kv, cross_bias, deterministic)
+    elif encoder_states is not None:
       if not self.has_cross_attention:
         raise ValueError("encoder_states given to a BertLayer built without cross-attention")
       h, cross = self.crossattention(h, encoder_states, cross_bias, deterministic)
@@ -111,16 +148,24 @@ class BertEncoder(nn.Module):
                   for _ in range(c.num_layers)]
 
   def __call__(self, h, attention_mask=None, encoder_states=None, encoder_mask=None,
-               deterministic: bool = True, return_cross_attentions: bool = False) -> TextOutput:
-    """h [B, T, D]; attention_mask [B, T]; encoder_states [B, N, W]; encoder_mask [B, N]."""
+               deterministic: bool = True, return_cross_attentions: bool = False,
+               cross_kv=None) -> TextOutput:
+    """h [B, T, D]; attention_mask [B, T]; encoder_states [B, N, W]; encoder_mask [B, N].
+
+    `cross_kv`: one precomputed (keys, values) per layer (`cross_kv` of `BertModel`) for Bk
+    contexts, replacing `encoder_states`; then encoder_mask is [Bk, N] and B = Bk * r.
+    """
     self_bias = None if attention_mask is None else layers.padding_bias(
         attention_mask, SELF_MASK_VALUE)
     cross_bias = None
-    if encoder_states is not None and encoder_mask is not None:
+    if (encoder_states is not None or cross_kv is not None) and encoder_mask is not None:
       cross_bias = layers.padding_bias(encoder_mask, CROSS_MASK_VALUE)
+    if cross_kv is not None and len(cross_kv) != len(self.layer):
+      raise ValueError(f"cross_kv has {len(cross_kv)} entries for {len(self.layer)} layers")
     crosses = []
-    for lyr in self.layer:
-      h, cross = lyr(h, self_bias, encoder_states, cross_bias, deterministic)
+    for i, lyr in enumerate(self.layer):
+      h, cross = lyr(h, self_bias, encoder_states, cross_bias, deterministic,
+                     cross_kv=None if cross_kv is None else cross_kv[i])
       if return_cross_attentions and cross is not None:
         crosses.append(cross)
     return TextOutput(last_hidden_state=h, cross_attentions=tuple(crosses))
@@ -164,15 +209,24 @@ class BertModel(nn.Module):
 
   def __call__(self, input_ids, attention_mask, encoder_states=None, encoder_mask=None,
                mode: str = "multimodal", deterministic: bool = True,
-               return_cross_attentions: bool = False) -> TextOutput:
-    """input_ids, attention_mask [B, T]; encoder_states [B, N, W] (multimodal only)."""
+               return_cross_attentions: bool = False, cross_kv=None) -> TextOutput:
+    """input_ids, attention_mask [B, T]; encoder_states [B, N, W] (multimodal only).
+
+    `cross_kv` (multimodal): the output of `cross_kv(states)` for Bk contexts, used instead of
+    `encoder_states`; rows i*r .. i*r + r - 1 of the B = Bk * r texts pair with context i.
+    """
     if mode not in ("text", "multimodal"):
       raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
-    if mode == "multimodal" and encoder_states is None:
+    if mode == "multimodal" and encoder_states is None and cross_kv is None:
       raise ValueError("mode='multimodal' needs encoder_states (the image tokens)")
     if mode == "text":
-      encoder_states = encoder_mask = None
+      encoder_states = encoder_mask = cross_kv = None
     # encoder_mask None = all image tokens visible (no bias is built at all).
     h = self.embeddings(input_ids, deterministic)
     return self.encoder(h, attention_mask, encoder_states, encoder_mask, deterministic,
-                        return_cross_attentions)
+                        return_cross_attentions, cross_kv=cross_kv)
+
+  def cross_kv(self, encoder_states) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per-layer cross-attention (keys, values), each [Bk, N, H, Dh], of encoder_states
+    [Bk, N, W]: they depend on the image only, so one image serves any number of texts."""
+    return tuple(lyr.crossattention.project_kv(encoder_states) for lyr in self.encoder.layer)

@@ -6,6 +6,8 @@ in the original Salesforce checkpoint. Call the entry points with `method=`:
   out = model.apply({"params": p}, pixels, method=Blip.encode_image)       # VisionOutput
   feats = model.apply({"params": p}, ids, mask, method=Blip.text_features) # [B, E]
   logits = model.apply({"params": p}, ids, mask, image_embeds, method=Blip.itm)
+  kv = model.apply({"params": p}, image_embeds, method=Blip.image_cross_kv)  # reuse per image
+  logits = model.apply({"params": p}, ids, mask, kv, method=Blip.itm_cached)
 """
 
 from __future__ import annotations
@@ -87,4 +89,28 @@ class Blip(nn.Module):
     """ITM logits [B, 2] for (text, image) pairs."""
     out = self.multimodal(input_ids, attention_mask, image_embeds, image_mask, deterministic,
                           replace_with_enc=replace_with_enc)
+    return self.itm_from_states(out.last_hidden_state)
+
+  def image_cross_kv(self, image_embeds):
+    """Per-layer cross-attention (keys, values) [Bi, N, H, Dh] of image_embeds [Bi, N, D].
+
+    They depend on the image only: compute them once per image and score any number of
+    descriptions with `multimodal_cached` / `itm_cached`."""
+    return self.text_encoder.cross_kv(image_embeds)
+
+  def multimodal_cached(self, input_ids, attention_mask, cross_kv, image_mask=None,
+                        deterministic: bool = True, return_cross_attentions: bool = False,
+                        replace_with_enc: bool = True) -> TextOutput:
+    """`multimodal` from `image_cross_kv` of Bi images; input_ids [Bi * r, T] image-major
+    (rows i*r .. i*r + r - 1 pair with image i); image_mask [Bi, N] or None."""
+    ids = with_enc_token(input_ids) if replace_with_enc else input_ids
+    return self.text_encoder(ids, attention_mask, None, image_mask, mode="multimodal",
+                             deterministic=deterministic,
+                             return_cross_attentions=return_cross_attentions, cross_kv=cross_kv)
+
+  def itm_cached(self, input_ids, attention_mask, cross_kv, image_mask=None,
+                 deterministic: bool = True, replace_with_enc: bool = True) -> jax.Array:
+    """ITM logits [Bi * r, 2] from cached image keys/values (see `multimodal_cached`)."""
+    out = self.multimodal_cached(input_ids, attention_mask, cross_kv, image_mask, deterministic,
+                                 replace_with_enc=replace_with_enc)
     return self.itm_from_states(out.last_hidden_state)

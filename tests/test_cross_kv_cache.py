@@ -1,0 +1,74 @@
+"""The cached image-side cross-attention keys/values (Blip.image_cross_kv + itm_cached /
+multimodal_cached) give the same results as the uncached multimodal forward."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contextblip_jax.models.blip import Blip
+from contextblip_jax.models.variants import get_variant
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  config = get_variant("tiny")
+  model = Blip(config)
+  s = config.vision.image_size
+  init = jax.jit(lambda: nn.unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.ones((1, 5), jnp.int32),
+      jnp.ones((1, 5), jnp.int32))))
+  return model, init(), config
+
+
+def _apply(model, params, *args, method, **kw):
+  return jax.jit(lambda p, *a: model.apply(p, *a, method=method, **kw))(params, *args)
+
+
+def _texts(rows, length=9, seed=1):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000, 30000, (rows, length)).astype(np.int32)
+  ids[:, 0] = 101
+  mask = np.ones((rows, length), np.int32)
+  for r in range(rows):
+    mask[r, length - (r % 4):] = 0          # varied padding
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("per_image,with_image_mask", [(1, False), (3, True)])
+def test_cached_itm_equals_uncached(model_and_params, per_image, with_image_mask):
+  model, params, config = model_and_params
+  s, n_images = config.vision.image_size, 4
+  pixels = jax.random.normal(jax.random.key(2), (n_images, s, s, 3))
+  ids, mask = _texts(n_images * per_image)
+  embeds = _apply(model, params, pixels, method=Blip.encode_image).last_hidden_state
+  image_mask = None
+  if with_image_mask:
+    image_mask = jnp.ones(embeds.shape[:2], jnp.int32).at[1, -3:].set(0).at[3, 5:9].set(0)
+  # uncached: every text row gets its own copy of its image's tokens (image-major rows)
+  rep = lambda x: None if x is None else jnp.repeat(x, per_image, axis=0)
+  ref = _apply(model, params, ids, mask, rep(embeds), rep(image_mask),
+                    return_cross_attentions=True, method=Blip.multimodal)
+  kv = _apply(model, params, embeds, method=Blip.image_cross_kv)
+  assert len(kv) == config.text.num_layers
+  assert kv[0][0].shape == (n_images, embeds.shape[1], config.text.num_heads,
+                            config.text.hidden_size // config.text.num_heads)
+  out = _apply(model, params, ids, mask, kv, image_mask, return_cross_attentions=True,
+                    method=Blip.multimodal_cached)
+  np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state, atol=1e-6, rtol=0)
+  for a, b in zip(out.cross_attentions, ref.cross_attentions, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  logits = _apply(model, params, ids, mask, kv, image_mask, method=Blip.itm_cached)
+  ref_logits = _apply(model, params, ids, mask, rep(embeds), rep(image_mask), method=Blip.itm)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-6, rtol=0)
+
+
+def test_cached_rows_must_group_over_images(model_and_params):
+  model, params, config = model_and_params
+  s = config.vision.image_size
+  embeds = _apply(model, params, jnp.zeros((2, s, s, 3)), method=Blip.encode_image)
+  kv = _apply(model, params, embeds.last_hidden_state, method=Blip.image_cross_kv)
+  ids, mask = _texts(3)
+  with pytest.raises(ValueError, match="do not group"):
+    _apply(model, params, ids, mask, kv, method=Blip.itm_cached)
