@@ -88,6 +88,7 @@ def test_scores_match_direct_computation(capsys, ckpts, images, kind):
   report = json.loads(out)
   assert report["checkpoint"] == os.path.abspath(ckpts[kind])
   assert report["image_size"] == 32 and report["source"].startswith("random tiny BLIP")
+  assert report["model"]["vision_depth"] == 4 and report["model"]["text_width"] == 32
   assert (report["vision_adapter"] is not None) == (kind == "adapter")
   assert report["caption"] == "the dog on the left hand side is jumping"
   assert report["input_ids"][0] == 101 and report["input_ids"][-1] == 102
