@@ -1,0 +1,104 @@
+"""Command line for weight conversion (see `python -m weight_convert --help`).
+
+  python -m weight_convert --src model_base.pth --out ckpt/blip_base
+  python -m weight_convert --src hf/blip-itm-base-coco --out ckpt/itm384 --format hf
+  python -m weight_convert --src model_base_retrieval_coco.pth --out ckpt/r224 --image-size 224
+  python -m weight_convert export --checkpoint ckpt/blip_base --out hf/blip_base
+
+One progress line per stage (load, map, check, write); exit status 1 with `error: ...` on
+stderr on any failure, in which case no output directory is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from weight_convert.converter import convert
+from weight_convert.export_hf import export_checkpoint
+from weight_convert.loaders import ConversionError
+
+_USAGE = """
+  python -m weight_convert [convert] --src PATH --out DIR [--format auto|original|hf]
+                                     [--image-size N] [--vision-heads N] [--text-heads N]
+                                     [--hf-config blip|config] [--adapter-taps 3,6,9,12]
+                                     [--overwrite]
+  python -m weight_convert export --checkpoint DIR --out HF_DIR [--overwrite]"""
+
+_EPILOG = """\
+modes:
+  convert (default)  PyTorch -> Flax: --src PATH --out DIR
+  export             Flax -> Hugging Face: --checkpoint DIR --out HF_DIR
+                     (a converted directory -> config.json + model.safetensors that
+                     transformers BlipForImageTextRetrieval.from_pretrained loads)
+Run `python -m weight_convert convert --help` or `... export --help` for each mode's options.
+"""
+
+
+def _taps(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(t) for t in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m weight_convert", epilog=_EPILOG, usage=_USAGE,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Convert BLIP / ContextBLIP / Hugging Face BLIP weights to contextblip_jax "
+                  "parameters, or export them back to Hugging Face.")
+  sub = parser.add_subparsers(dest="mode", metavar="{convert,export}")
+  conv = sub.add_parser("convert", help="PyTorch checkpoint -> converted Flax directory")
+  conv.add_argument("--src", required=True,
+                    help="original .pth/.safetensors file or HF BlipForImageTextRetrieval dir")
+  conv.add_argument("--out", required=True, help="output directory (must not exist)")
+  conv.add_argument("--format", default="auto", choices=("auto", "original", "hf"),
+                    help="source format (auto: a directory is 'hf', a file is 'original')")
+  conv.add_argument("--image-size", type=int, default=None,
+                    help="target resolution; position embeddings are resampled bicubically "
+                         "(CLS kept, as BLIP's interpolate_pos_embed) if it differs")
+  conv.add_argument("--vision-heads", type=int, default=None,
+                    help="original format: ViT heads (default width // 64)")
+  conv.add_argument("--text-heads", type=int, default=None,
+                    help="original format: text-encoder heads (default width // 64)")
+  conv.add_argument("--hf-config", default="blip", choices=("blip", "config"),
+                    help="HF format: 'blip' uses vision LayerNorm eps 1e-6 and text dropout "
+                         "0.1 as BLIP (hub configs say 1e-5 / 0.0); 'config' takes "
+                         "config.json literally")
+  conv.add_argument("--adapter-taps", type=_taps, default=None,
+                    help="ContextBLIP adapter: 1-based tapped ViT blocks, e.g. 3,6,9,12 "
+                         "(default evenly spaced)")
+  conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  exp = sub.add_parser("export", help="converted Flax directory -> Hugging Face directory")
+  exp.add_argument("--checkpoint", required=True, help="directory written by `convert`")
+  exp.add_argument("--out", required=True, help="HF output directory (must not exist)")
+  exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] not in ("convert", "export", "-h", "--help"):
+    argv.insert(0, "convert")
+  args = build_parser().parse_args(argv)
+  if args.mode is None:
+    build_parser().print_help()
+    return 2
+  log = lambda s: print(s, flush=True)  # noqa: E731
+  try:
+    if args.mode == "export":
+      export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, log=log)
+    else:
+      convert(args.src, args.out, args.format, args.image_size,
+              vision_heads=args.vision_heads, text_heads=args.text_heads,
+              hf_config=args.hf_config, adapter_taps=args.adapter_taps,
+              overwrite=args.overwrite, log=log)
+  except (ConversionError, OSError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,220 @@
+"""Target-driven, strict conversion of a BLIP / ContextBLIP / HF checkpoint to our Flax tree.
+
+Stages (each logs one progress line):
+  1. load   `load_source`: safe read of the file or HF directory (loaders.py).
+  2. map    the config comes from the source (infer_config.py); the abstract target tree
+            (`jax.eval_shape` of `Blip(config).init`, unboxed, plus the adapter when the source
+            has one) is flattened and *every* leaf is filled through the one table in
+            mapping.py (`map_source`).
+  3. check  every source key is used or in a named ignored group; any missing, unexpected or
+            mis-shaped key raises `ConversionError` naming all of them (`MappingReport.check`).
+  4. write  `contextblip_jax.pretrained.save_pretrained` (temp dir + rename: a failure leaves
+            nothing behind).
+
+  convert("model_base.pth", "ckpt/blip_base")                  # -> absolute path of the dir
+  converted = to_flax(load_source("hf_dir"), image_size=224)   # in memory, no write
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from contextblip_jax.models.adapter import MultiScaleAdapter
+from contextblip_jax.models.blip import Blip
+from contextblip_jax.models.variants import BlipConfig
+from contextblip_jax.pretrained import save_pretrained
+from weight_convert import mapping
+from weight_convert.infer_config import (adapter_from_source, config_from_hf,
+                                         config_from_original)
+from weight_convert.loaders import ConversionError, SourceState, load_source
+
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "contextblip_jax", "assets", "bert-base-uncased-vocab.txt")
+Log = Callable[[str], None]
+
+
+def abstract_params(config: BlipConfig, adapter: dict[str, Any] | None = None) -> dict:
+  """{"pretrained_blip": ..., ["vision_adapter": ...]} of jax.ShapeDtypeStruct (unboxed)."""
+  s = config.vision.image_size
+  px, ids = jnp.zeros((1, s, s, 3)), jnp.ones((1, 2), jnp.int32)
+  tree = {"pretrained_blip": jax.eval_shape(
+      lambda: nn.unbox(Blip(config).init(jax.random.key(0), px, ids, ids))["params"])}
+  if adapter is not None:
+    x = jnp.zeros((1, config.vision.num_patches + 1, config.vision.width))
+    mod = MultiScaleAdapter(width=config.vision.width, taps=tuple(adapter["taps"]),
+                            reduction=adapter["reduction"])
+    tree["vision_adapter"] = jax.eval_shape(
+        lambda: nn.unbox(mod.init(jax.random.key(0), x, [x] * config.vision.depth))["params"])
+  return tree
+
+
+@dataclasses.dataclass
+class MappingReport:
+  """What `map_source` did: used keys, ignored groups with counts, and every problem."""
+  source: SourceState
+  used: set[str] = dataclasses.field(default_factory=set)
+  ignored: dict[str, int] = dataclasses.field(default_factory=dict)
+  missing: list[tuple[str, str]] = dataclasses.field(default_factory=list)     # (target, key)
+  unexpected: list[str] = dataclasses.field(default_factory=list)
+  misshaped: list[str] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def check(self) -> None:
+    """Raises ConversionError listing every missing, unexpected and mis-shaped key."""
+    parts, src = [], self.source
+    if self.missing:
+      parts.append(f"missing source keys ({len(self.missing)}): " + "; ".join(
+          f"{key} (for {target})" for target, key in self.missing))
+    if self.unexpected:
+      parts.append(f"unexpected source keys ({len(self.unexpected)}), neither used nor in an "
+                   f"ignored group: " + ", ".join(src.name(k) for k in self.unexpected))
+    if self.misshaped:
+      parts.append(f"mis-shaped ({len(self.misshaped)}): " + "; ".join(self.misshaped))
+    if parts:
+      raise ConversionError(f"{src.path} ({src.format} format) does not fit the target:\n  "
+                            + "\n  ".join(parts))
+
+  def summary(self) -> str:
+    groups = ", ".join(f"{k} {v}" for k, v in sorted(self.ignored.items())) or "none"
+    return (f"used {len(self.used)} of {len(self.source.arrays)} source tensors; "
+            f"ignored groups: {groups}")
+
+
+def map_source(source: SourceState, target: dict, allow_resample: bool = False
+               ) -> tuple[dict, MappingReport]:
+  """Fills every leaf of the abstract `target` tree from `source` through mapping.RULES.
+
+  Returns (nested params of float32 NumPy arrays, report); call `report.check()` before use.
+  `allow_resample` lets the pos_embed hook resize a different patch grid (bicubic).
+  """
+  report = MappingReport(source)
+  flat = traverse_util.flatten_dict(target, sep="/")
+  out = {}
+  for path, leaf in flat.items():
+    key, rule = mapping.source_key(path, source.format)
+    if key is None or key not in source.arrays:
+      report.missing.append((path, key or f"<no {source.format} key>"))
+      continue
+    report.used.add(key)
+    shape, src_shape = tuple(leaf.shape), source.shape(key)
+    if rule.hook is mapping.POS_EMBED and src_shape != shape and not allow_resample:
+      report.misshaped.append(f"{source.name(key)} {list(src_shape)} vs {path} {list(shape)} "
+                              f"(image size differs: pass image_size / --image-size to resample)")
+      continue
+    value = rule.hook.forward(source.numpy(key), shape)
+    if value.shape != shape:
+      report.misshaped.append(f"{source.name(key)} {list(src_shape)} -> {path} expects "
+                              f"{list(shape)} (hook {rule.hook.name})")
+      continue
+    if rule.hook is mapping.POS_EMBED and src_shape != shape:
+      report.notes.append(f"resampled {source.name(key)} {list(src_shape)} -> {list(shape)} "
+                          f"(bicubic, CLS kept)")
+    out[path] = np.ascontiguousarray(value, dtype=leaf.dtype)
+  counts = collections.Counter()
+  for key in source.arrays:
+    if key in report.used:
+      continue
+    group = mapping.ignored_group(key)
+    if group is None:
+      report.unexpected.append(key)
+    else:
+      counts[group] += 1
+  report.ignored = dict(counts)
+  return traverse_util.unflatten_dict(out, sep="/"), report
+
+
+@dataclasses.dataclass
+class Converted:
+  config: BlipConfig
+  params: dict                          # {"pretrained_blip": ..., ["vision_adapter": ...]}
+  adapter: dict[str, Any] | None        # {"taps": [...], "reduction": int} or None
+  report: MappingReport
+
+
+def source_config(source: SourceState, image_size: int | None = None, *,
+                  vision_heads: int | None = None, text_heads: int | None = None,
+                  hf_config: str = "blip") -> tuple[BlipConfig, list[str], bool]:
+  """(target config, notes, resample?) for `source`, at `image_size` if given."""
+  if source.format == "hf":
+    config, notes = config_from_hf(source.hf_config, hf_config)
+    if vision_heads or text_heads:
+      raise ConversionError("vision_heads / text_heads apply to original checkpoints only; "
+                            "an HF directory's config.json gives the heads")
+    key = "vision_model.embeddings.position_embedding"
+    if key in source.arrays and source.shape(key)[1:2] != (config.vision.num_patches + 1,):
+      raise ConversionError(f"{source.path}: config.json image_size {config.vision.image_size} "
+                            f"(patch {config.vision.patch_size}) disagrees with {key} "
+                            f"{list(source.shape(key))}")
+  else:
+    config, notes = config_from_original(source, vision_heads, text_heads)
+  native = config.vision.image_size
+  if image_size and image_size != native:
+    if image_size % config.vision.patch_size:
+      raise ConversionError(f"image size {image_size} is not a multiple of the patch size "
+                            f"{config.vision.patch_size}")
+    config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+    notes.append(f"image size {native} -> {image_size}: position embeddings resampled")
+  return config, notes, config.vision.image_size != native
+
+
+def to_flax(source: SourceState, image_size: int | None = None, *,
+            vision_heads: int | None = None, text_heads: int | None = None,
+            hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
+            log: Log | None = None) -> Converted:
+  """Map + check stages: SourceState -> Converted (raises ConversionError on any mismatch)."""
+  log = log or (lambda s: None)
+  config, notes, resample = source_config(source, image_size, vision_heads=vision_heads,
+                                          text_heads=text_heads, hf_config=hf_config)
+  adapter = adapter_from_source(source, config, adapter_taps)
+  target = abstract_params(config, adapter)
+  params, report = map_source(source, target, allow_resample=resample)
+  report.notes[:0] = source.notes + notes
+  n_leaves = len(traverse_util.flatten_dict(target))
+  log(f"[2/4] map: {n_leaves} target parameters from {len(source.arrays)} source tensors"
+      + (f"; adapter taps {adapter['taps']} reduction {adapter['reduction']}" if adapter else ""))
+  report.check()
+  log(f"[3/4] check: ok: {report.summary()}")
+  for note in report.notes:
+    log(f"      note: {note}")
+  return Converted(config, params, adapter, report)
+
+
+def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None, *,
+            vision_heads: int | None = None, text_heads: int | None = None,
+            hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
+            overwrite: bool = False, log: Log | None = None) -> str:
+  """Converts `src` (original .pth/.safetensors file or HF directory) into the directory `out`.
+
+  Args:
+    src: checkpoint file ('original') or HF BlipForImageTextRetrieval directory ('hf').
+    out: output directory (contextblip_jax.pretrained layout); must not exist unless overwrite.
+    fmt: 'auto' | 'original' | 'hf'.
+    image_size: target resolution; position embeddings are resampled if it differs.
+    vision_heads, text_heads: head counts for original checkpoints (default width // 64).
+    hf_config: 'blip' (vision eps 1e-6, dropout 0.1) or 'config' (config.json literally).
+    adapter_taps: 1-based ViT blocks of a ContextBLIP adapter (default evenly spaced).
+    log: called with one progress line per stage.
+  Returns:
+    The absolute path of the written directory. Nothing is written if any stage fails.
+  """
+  log = log or (lambda s: None)
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+  source = load_source(src, fmt)
+  log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
+  conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
+                 hf_config=hf_config, adapter_taps=adapter_taps, log=log)
+  path = save_pretrained(out, conv.config, conv.params, VOCAB_PATH, adapter=conv.adapter,
+                         source=f"{source.format}:{os.path.abspath(src)}", overwrite=overwrite)
+  log(f"[4/4] write: {path}")
+  return path

@@ -1,0 +1,216 @@
+"""Safe loading of BLIP / ContextBLIP weights: safetensors, or `torch.load(weights_only=True)`.
+
+Nothing here unpickles arbitrary objects: a `.pth`/`.bin` whose pickle names any global that
+torch's weights-only unpickler does not allow (e.g. a `__reduce__` calling `os.system`) is
+refused with `UnsafeCheckpointError` before anything in it runs. torch is imported lazily, only
+when a torch file is actually read; safetensors files are read with `safetensors.numpy`.
+
+Sources (`detect_format`):
+  * 'original': one file (`.pth`, `.pt`, `.bin` or `.safetensors`) with Salesforce BLIP keys
+    (`visual_encoder.*`, `text_encoder.*`, ...), at the top level or under "model" (or
+    "state_dict"); ContextBLIP checkpoints carry the BLIP keys under `pretrained_blip.` next to
+    `vision_adapter.*` and the TMIM modules. A uniform DDP `module.` prefix is removed.
+  * 'hf': a directory holding a `BlipForImageTextRetrieval` `config.json` and `model.safetensors`
+    (or a sharded `model.safetensors.index.json`, or `pytorch_model.bin`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+BLIP_PREFIX = "pretrained_blip."        # ContextBLIP: BLIP_Base lives under this attribute
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class ConversionError(ValueError):
+  """Any problem with a source checkpoint; the message names the file and key(s)."""
+
+
+class UnsafeCheckpointError(ConversionError):
+  """A pickle that `torch.load(weights_only=True)` refused: it was not executed."""
+
+
+@dataclasses.dataclass
+class SourceState:
+  """Source tensors under canonical keys (ContextBLIP `pretrained_blip.` prefix removed).
+
+  `arrays` holds torch tensors or NumPy arrays as read (converted only when used, so the
+  momentum encoders and decoder of a pre-train checkpoint never get copied); `names` maps each
+  canonical key back to the key in the file, for messages.
+  """
+  arrays: dict[str, Any]
+  names: dict[str, str]
+  path: str
+  format: str                       # 'original' | 'hf'
+  hf_config: dict | None = None     # config.json of an HF directory
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self.arrays[key].shape)
+
+  def numpy(self, key: str) -> np.ndarray:
+    """The tensor at canonical `key` as a float32 (floating) NumPy array."""
+    return to_numpy(self.arrays[key])
+
+  def name(self, key: str) -> str:
+    return self.names.get(key, key)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+  """torch tensor / NumPy array -> NumPy; floating types become float32."""
+  if hasattr(x, "detach"):                                   # torch.Tensor (no torch import)
+    x = x.detach().cpu()
+    if x.is_floating_point():
+      x = x.float()
+    x = x.numpy()
+  x = np.asarray(x)
+  return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except Exception as e:  # noqa: BLE001 - re-raised with the file name
+    raise ConversionError(f"{path}: cannot read safetensors file: {e}") from e
+
+
+def _load_torch(path: str) -> Any:
+  """`torch.load(weights_only=True)`; refuses (without running) any pickle naming a global."""
+  import pickle
+
+  import torch  # lazy: only the converter reading a torch file needs torch
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+  except pickle.UnpicklingError as e:
+    raise UnsafeCheckpointError(
+        f"refused to load {path}: torch.load(weights_only=True) rejected it, so it is not a "
+        f"plain tensor checkpoint and nothing in it was executed. Re-save only the state dict "
+        f"(torch.save(model.state_dict(), ...)) or convert it to safetensors. Reason: "
+        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  except Exception as e:  # noqa: BLE001
+    raise ConversionError(f"{path}: cannot read torch checkpoint: {type(e).__name__}: {e}") from e
+
+
+def _is_zip(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(4) == b"PK\x03\x04"
+
+
+def read_weight_file(path: str) -> dict[str, Any]:
+  """One weight file -> its top-level dict (safetensors or safe torch load)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"weight file not found: {path}")
+  if path.endswith(".safetensors"):
+    return _load_safetensors(path)
+  obj = _load_torch(path)
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+  return obj
+
+
+def _is_tensor(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _unwrap(obj: dict[str, Any], path: str, notes: list[str]) -> dict[str, Any]:
+  """Returns the state dict: the top level, or the dict under 'model' / 'state_dict'."""
+  for wrapper in ("model", "state_dict"):
+    if isinstance(obj.get(wrapper), dict):
+      others = sorted(k for k in obj if k != wrapper)
+      if others:
+        notes.append(f"read the weights under {wrapper!r}; other top-level entries not read: "
+                     f"{', '.join(others)}")
+      obj = obj[wrapper]
+      break
+  bad = sorted(k for k, v in obj.items() if not _is_tensor(v))
+  if bad:
+    raise ConversionError(f"{path}: entries that are not tensors: {', '.join(bad[:10])}"
+                          + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""))
+  return obj
+
+
+def _canonical(state: dict[str, Any], path: str, notes: list[str]
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+  """Strips a uniform DDP `module.` prefix and ContextBLIP's `pretrained_blip.` prefix."""
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+    notes.append("removed the DDP prefix 'module.' from every key")
+  arrays, names = {}, {}
+  for key, value in state.items():
+    canon = key[len(BLIP_PREFIX):] if key.startswith(BLIP_PREFIX) else key
+    if canon in arrays:
+      raise ConversionError(f"{path}: both {names[canon]!r} and {key!r} are present")
+    arrays[canon], names[canon] = value, key
+  if any(k.startswith(BLIP_PREFIX) for k in state):
+    notes.append(f"ContextBLIP checkpoint: BLIP keys read under the prefix {BLIP_PREFIX!r}")
+  return arrays, names
+
+
+def load_original(path: str) -> SourceState:
+  """An original Salesforce BLIP / ContextBLIP checkpoint file -> SourceState."""
+  notes: list[str] = []
+  state = _unwrap(read_weight_file(path), path, notes)
+  arrays, names = _canonical(state, path, notes)
+  if any(k.startswith("vision_model.") for k in arrays):
+    raise ConversionError(f"{path}: holds Hugging Face keys (vision_model.*); pass the HF model "
+                          f"directory (with config.json) and --format hf")
+  return SourceState(arrays, names, path, "original", notes=notes)
+
+
+def load_hf_dir(path: str) -> SourceState:
+  """A Hugging Face BlipForImageTextRetrieval directory -> SourceState (with config.json)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
+  with open(cfg_path) as f:
+    hf_config = json.load(f)
+  state: dict[str, Any] = {}
+  if os.path.isfile(os.path.join(path, "model.safetensors")):
+    state = read_weight_file(os.path.join(path, "model.safetensors"))
+  elif os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    for shard in shards:
+      state.update(read_weight_file(os.path.join(path, shard)))
+  elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+    state = read_weight_file(os.path.join(path, "pytorch_model.bin"))
+  else:
+    raise ConversionError(f"{path}: no weights found (expected one of {', '.join(HF_WEIGHT_FILES)})")
+  notes: list[str] = []
+  state = _unwrap(state, path, notes)
+  return SourceState(dict(state), {k: k for k in state}, path, "hf", hf_config, notes)
+
+
+def detect_format(path: str) -> str:
+  """'hf' for a directory with config.json and HF weights, 'original' for a weight file."""
+  if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_FILES):
+      return "hf"
+    raise ConversionError(f"{path}: a directory but not a Hugging Face model directory "
+                          f"(needs config.json and one of {', '.join(HF_WEIGHT_FILES)})")
+  if os.path.isfile(path):
+    return "original"
+  raise FileNotFoundError(f"source not found: {path}")
+
+
+def load_source(path: str, fmt: str = "auto") -> SourceState:
+  """Reads `path` as `fmt` ('auto', 'original' or 'hf') -> SourceState."""
+  if fmt == "auto":
+    fmt = detect_format(path)
+  if fmt == "hf":
+    if not os.path.isdir(path):
+      raise ConversionError(f"--format hf needs a model directory, got a file: {path}")
+    return load_hf_dir(path)
+  if fmt == "original":
+    if os.path.isdir(path):
+      raise ConversionError(f"--format original needs a checkpoint file, got a directory: {path}")
+    return load_original(path)
+  raise ValueError(f"unknown format {fmt!r} (auto, original or hf)")

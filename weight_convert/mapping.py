@@ -1,0 +1,206 @@
+"""The one mapping table between our Flax parameter tree and the PyTorch BLIP state dicts.
+
+Each `Rule` names one Flax leaf (a '/'-separated path pattern of the converted tree
+`{"pretrained_blip": Blip params, "vision_adapter": MultiScaleAdapter params}`), the key it
+comes from in the original Salesforce / ContextBLIP checkpoint (`original`), the key in a
+Hugging Face `BlipForImageTextRetrieval` state dict (`hf`; None where HF has no counterpart),
+and a `Hook` that turns the PyTorch tensor into the Flax array (and back, for export):
+
+  Linear weight [out, in]     -> Dense kernel [in, out]             (TRANSPOSE)
+  fused qkv weight [3D, D]    -> one Dense(3D) kernel [D, 3D]        (TRANSPOSE; stays fused)
+  Conv2d weight OIHW          -> HWIO kernel [p, p, 3, D]            (CONV)
+  pos_embed [1, 1+g0^2, D]    -> [1, 1+g^2, D], bicubic if g != g0   (POS_EMBED)
+  LayerNorm weight / bias     -> scale / bias                        (names only)
+  Embedding weight            -> embedding                           (names only)
+
+`{i}` in a pattern stands for a layer index; it is captured from the Flax path and substituted
+into the source template. Keys are *canonical*: for a ContextBLIP checkpoint the `pretrained_blip.`
+prefix of the BLIP keys is removed before lookup (see `loaders.SourceState`).
+
+Source keys that the target does not use must belong to one of the named `IGNORED_GROUPS`;
+anything else is an error (see `converter.map_source`). Export to HF (`export_hf.py`) walks this
+same table in reverse with `Hook.inverse`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from weight_convert.resample import resample_pos_embed
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`forward(source_array, target_shape) -> target_array`; `inverse(target_array) -> source`."""
+  name: str
+  forward: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  inverse: Callable[[np.ndarray], np.ndarray]
+
+
+def _transpose2d(x: np.ndarray, shape=None) -> np.ndarray:
+  return x.T if x.ndim == 2 else x          # a non-2D source fails the shape check instead
+
+
+def _oihw_to_hwio(x: np.ndarray, shape=None) -> np.ndarray:
+  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x     # [O, I, H, W] -> [H, W, I, O]
+
+
+def _hwio_to_oihw(x: np.ndarray) -> np.ndarray:
+  return x.transpose(3, 2, 0, 1)                            # [H, W, I, O] -> [O, I, H, W]
+
+
+def _pos_embed(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Resamples the patch grid (bicubic, CLS kept) when the target grid differs."""
+  if x.shape == tuple(shape) or x.ndim != 3 or len(shape) != 3:
+    return x
+  grid = int(round((shape[1] - 1) ** 0.5))
+  if grid * grid + 1 != shape[1]:
+    return x
+  return resample_pos_embed(x, grid)
+
+
+IDENTITY = Hook("identity", lambda x, shape=None: x, lambda x: x)
+TRANSPOSE = Hook("transpose", _transpose2d, _transpose2d)
+CONV = Hook("conv_oihw_to_hwio", _oihw_to_hwio, _hwio_to_oihw)
+POS_EMBED = Hook("pos_embed", _pos_embed, lambda x: x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  target: str            # Flax path pattern, e.g. "pretrained_blip/visual_encoder/blocks_{i}/..."
+  original: str          # Salesforce key template (canonical, no `pretrained_blip.` prefix)
+  hf: str | None         # HF BlipForImageTextRetrieval key template; None: not in HF models
+  hook: Hook = IDENTITY
+
+  def source(self, fmt: str) -> str | None:
+    """The source key template for `fmt` ('original' or 'hf')."""
+    if fmt == "original":
+      return self.original
+    if fmt == "hf":
+      return self.hf
+    raise ValueError(f"unknown source format {fmt!r}")
+
+
+_SAME = object()   # HF key = original key (text encoder and heads, SPEC §2.5)
+
+
+def _dense(target: str, original: str, hf=_SAME) -> list[Rule]:
+  hf = original if hf is _SAME else hf
+  return [Rule(f"{target}/kernel", f"{original}.weight", hf and f"{hf}.weight", TRANSPOSE),
+          Rule(f"{target}/bias", f"{original}.bias", hf and f"{hf}.bias")]
+
+
+def _norm(target: str, original: str, hf=_SAME) -> list[Rule]:
+  hf = original if hf is _SAME else hf
+  return [Rule(f"{target}/scale", f"{original}.weight", hf and f"{hf}.weight"),
+          Rule(f"{target}/bias", f"{original}.bias", hf and f"{hf}.bias")]
+
+
+def _embed(target: str, original: str) -> list[Rule]:
+  return [Rule(f"{target}/embedding", f"{original}.weight", f"{original}.weight")]
+
+
+def _attention(target: str, original: str) -> list[Rule]:
+  """med.py BertAttention: self.{query,key,value}, output.{dense,LayerNorm}."""
+  return (_dense(f"{target}/query", f"{original}.self.query")
+          + _dense(f"{target}/key", f"{original}.self.key")
+          + _dense(f"{target}/value", f"{original}.self.value")
+          + _dense(f"{target}/dense", f"{original}.output.dense")
+          + _norm(f"{target}/LayerNorm", f"{original}.output.LayerNorm"))
+
+
+_V = "pretrained_blip/visual_encoder"
+_VB = f"{_V}/blocks_{{i}}"
+_OB = "visual_encoder.blocks.{i}"
+_HB = "vision_model.encoder.layers.{i}"
+_T = "pretrained_blip/text_encoder"
+_TL = f"{_T}/encoder/layer_{{i}}"
+_OL = "text_encoder.encoder.layer.{i}"
+
+RULES: tuple[Rule, ...] = tuple(
+    # --- ViT (SPEC §1.2-1.4) ---
+    [Rule(f"{_V}/patch_embed_kernel", "visual_encoder.patch_embed.proj.weight",
+          "vision_model.embeddings.patch_embedding.weight", CONV),
+     Rule(f"{_V}/patch_embed_bias", "visual_encoder.patch_embed.proj.bias",
+          "vision_model.embeddings.patch_embedding.bias"),
+     Rule(f"{_V}/cls_token", "visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+     Rule(f"{_V}/pos_embed", "visual_encoder.pos_embed",
+          "vision_model.embeddings.position_embedding", POS_EMBED)]
+    + _norm(f"{_VB}/norm1", f"{_OB}.norm1", f"{_HB}.layer_norm1")
+    + _dense(f"{_VB}/attn/qkv", f"{_OB}.attn.qkv", f"{_HB}.self_attn.qkv")
+    + _dense(f"{_VB}/attn/proj", f"{_OB}.attn.proj", f"{_HB}.self_attn.projection")
+    + _norm(f"{_VB}/norm2", f"{_OB}.norm2", f"{_HB}.layer_norm2")
+    + _dense(f"{_VB}/mlp/fc1", f"{_OB}.mlp.fc1", f"{_HB}.mlp.fc1")
+    + _dense(f"{_VB}/mlp/fc2", f"{_OB}.mlp.fc2", f"{_HB}.mlp.fc2")
+    + _norm(f"{_V}/norm", "visual_encoder.norm", "vision_model.post_layernorm")
+    # --- text encoder (SPEC §2.5; HF keys are the original ones) ---
+    + _embed(f"{_T}/embeddings/word_embeddings", "text_encoder.embeddings.word_embeddings")
+    + _embed(f"{_T}/embeddings/position_embeddings",
+             "text_encoder.embeddings.position_embeddings")
+    + _norm(f"{_T}/embeddings/LayerNorm", "text_encoder.embeddings.LayerNorm")
+    + _attention(f"{_TL}/attention", f"{_OL}.attention")
+    + _attention(f"{_TL}/crossattention", f"{_OL}.crossattention")
+    + _dense(f"{_TL}/intermediate", f"{_OL}.intermediate.dense")
+    + _dense(f"{_TL}/output", f"{_OL}.output.dense")
+    + _norm(f"{_TL}/output_LayerNorm", f"{_OL}.output.LayerNorm")
+    # --- heads ---
+    + _dense("pretrained_blip/itm_head", "itm_head")
+    + _dense("pretrained_blip/vision_proj", "vision_proj")
+    + _dense("pretrained_blip/text_proj", "text_proj")
+    # --- ContextBLIP multi-scale adapter (SPEC §3.11): bias-free Linear -> Dense kernel ---
+    + [Rule("vision_adapter/down_{i}/kernel", "vision_adapter.down.{i}.fc.0.weight", None,
+            TRANSPOSE),
+       Rule("vision_adapter/up/kernel", "vision_adapter.up.fc.0.weight", None, TRANSPOSE)]
+)
+
+
+# Known source keys that the converted tree does not use: (group name, regex on the canonical
+# key, why). Every unused source key must match one of these, or conversion fails.
+IGNORED_GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("text_decoder", r"^text_decoder\.", "BLIP captioning decoder (not part of BLIP_Base)"),
+    ("momentum_encoders", r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.",
+     "BLIP pre-training momentum (EMA) copies"),
+    ("queues", r"^(image_queue|text_queue|idx_queue|ptr_queue|queue_ptr)$",
+     "BLIP ITC feature queues"),
+    ("temp", r"^temp$", "BLIP ITC temperature (ContextBLIP uses none)"),
+    ("position_ids", r"(^|\.)position_ids$", "position-id buffers (arange)"),
+    ("text_pooler", r"^text_encoder\.pooler\.", "BERT pooler (unused by BLIP retrieval)"),
+    ("contextblip_tmim", r"^(text_adapter|visual_decoder|decoder_pos_embed|recon_head|mask_embed)"
+     r"(\.|$)", "ContextBLIP TMIM pre-training modules (not converted)"),
+)
+_IGNORED_RE = tuple((name, re.compile(rx)) for name, rx, _ in IGNORED_GROUPS)
+
+
+def ignored_group(key: str) -> str | None:
+  """The IGNORED_GROUPS name a canonical source key belongs to, or None."""
+  for name, rx in _IGNORED_RE:
+    if rx.search(key):
+      return name
+  return None
+
+
+def _compile(pattern: str) -> re.Pattern:
+  return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_TARGET_RE = tuple((_compile(r.target), r) for r in RULES)
+
+
+def rule_for(path: str) -> tuple[Rule, dict[str, str]]:
+  """The unique rule whose target pattern matches Flax `path`, and its captured indices."""
+  hits = [(r, m.groupdict()) for rx, r in _TARGET_RE if (m := rx.match(path))]
+  if len(hits) != 1:
+    raise KeyError(f"{len(hits)} mapping rules match target parameter {path!r} "
+                   f"(expected exactly one)")
+  return hits[0]
+
+
+def source_key(path: str, fmt: str) -> tuple[str | None, Rule]:
+  """(source key in format `fmt` for Flax `path`, its rule); key None if `fmt` lacks it."""
+  rule, groups = rule_for(path)
+  template = rule.source(fmt)
+  return (template.format(**groups) if template is not None else None), rule
