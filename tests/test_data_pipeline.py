@@ -221,3 +221,13 @@ def test_tfds_builders_match_plain_readers(data, tmp_path):
   pipe = P.pretrain_pipeline(psource, image_size=S, global_batch_size=8, seed=0,
                              tokenizer=data["tok"])
   assert next(iter(pipe))["image"].shape == (8, S, S, 3)
+
+
+def test_image_cache_gives_identical_batches(data):
+  assert _same(_take(iter(_train(data)), 2), _take(iter(_train(data, cache_images=True)), 2))
+  kw = dict(image_size=S, sets_per_batch=4, tokenizer=data["tok"])
+  assert _same(list(P.imagecode_eval_pipeline(data["valid"], **kw)),
+               list(P.imagecode_eval_pipeline(data["valid"], cache_images=True, **kw)))
+  kw = dict(image_size=S, global_batch_size=8, seed=0, tokenizer=data["tok"])
+  assert _same(_take(iter(P.pretrain_pipeline(data["pairs"], **kw)), 2),
+               _take(iter(P.pretrain_pipeline(data["pairs"], cache_images=True, **kw)), 2))

@@ -37,8 +37,12 @@ Orbax use Grain's handler (grain 0.2.18, `grain/_src/python/checkpoint/handler.p
   restore: args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(it), ...)
 (one JSON file per process, process_<i>-of-<n>.json; `checkpointing.py` wraps this).
 
-Sources are picklable top-level classes, so `worker_count > 0` (spawned processes) works; on
-2 cores the default is 0 workers and `num_threads` reader threads.
+Sources are picklable top-level classes, so `worker_count > 0` (spawned processes; scripts
+need a `__main__` guard and absl flags parsed) works and gives the same batches; the iterator
+state's format depends on worker_count, so resume with the same worker_count. On 2 cores the
+default is 0 workers and `num_threads` reader threads. `cache_images=True` decodes every image
+once into memory (uint8) when the pipeline is built: for small datasets (the synthetic
+default: ~27 MB at 32 px), not for the real benchmark.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any, Callable, Sequence
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from contextblip_jax import preprocess
 from contextblip_jax.data import augment
@@ -60,19 +65,31 @@ from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
 
 # --------------------------------------------------------------------------- sources
 
-def open_image(image: str | bytes, name: str = "<bytes>"):
-  """RGB PIL image from a path or encoded bytes (TFDS records); raises ImageLoadError."""
+def open_image(image: str | bytes | np.ndarray, name: str = "<bytes>"):
+  """RGB PIL image from a path, encoded bytes (TFDS records) or a cached uint8 [H, W, 3]
+  array; raises ImageLoadError."""
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(image, "RGB")
   if isinstance(image, (bytes, bytearray, np.bytes_)):
     return preprocess.decode_rgb(bytes(image), name)
   return preprocess.open_rgb(image)
 
 
-class PairSource:
-  """Random access to pairs: {"image": path, "caption": cleaned caption, "id": pair_id}."""
+def decode_images(paths: Sequence[str]) -> dict[str, np.ndarray]:
+  """{path: uint8 [H, W, 3]} for the distinct paths (the in-memory image cache)."""
+  return {p: np.asarray(preprocess.open_rgb(p), np.uint8) for p in dict.fromkeys(paths)}
 
-  def __init__(self, examples: PairsData | Sequence[PairExample]):
+
+class PairSource:
+  """Random access to pairs: {"image": path (or cached pixels), "caption": cleaned caption,
+  "id": pair_id}. `cache_images` decodes every image once up front (small datasets)."""
+
+  def __init__(self, examples: PairsData | Sequence[PairExample], cache_images: bool = False):
     examples = examples.examples if isinstance(examples, PairsData) else examples
     self._images = [e.image_path for e in examples]
+    if cache_images:
+      cache = decode_images(self._images)
+      self._images = [cache[p] for p in self._images]
     self._captions = [e.caption for e in examples]
     self._ids = [e.pair_id for e in examples]
 
@@ -87,12 +104,15 @@ class ImagecodeExampleSource:
   """Random access to IMAGECODE examples: {"images": 10 paths, "description", "label",
   "is_video", "id"}. Needs a split read with image checks (paths present)."""
 
-  def __init__(self, split: ImagecodeSplit):
+  def __init__(self, split: ImagecodeSplit, cache_images: bool = False):
     missing = [e.example_id for e in split.examples if len(e.image_paths) != NUM_CANDIDATES]
     if missing:
       raise ValueError(f"{split.source}: {len(missing)} examples have no image paths (read "
                        f"with check_images=True), e.g. {missing[0]}")
-    self._records = [(e.image_paths, e.description, e.label, e.is_video, e.example_id)
+    cache = (decode_images([p for s in split.sets for p in s.image_paths]) if cache_images
+             else None)
+    self._records = [(tuple(cache[p] for p in e.image_paths) if cache else e.image_paths,
+                      e.description, e.label, e.is_video, e.example_id)
                      for e in split.examples]
 
   def __len__(self) -> int:
@@ -106,8 +126,11 @@ class ImagecodeExampleSource:
 class ImagecodeSetSource:
   """Sets for evaluation, padded to `length` with empty sets (set_index -1)."""
 
-  def __init__(self, split: ImagecodeSplit, length: int):
-    self._sets = [(s.image_paths, [split.examples[i].description for i in s.example_indices],
+  def __init__(self, split: ImagecodeSplit, length: int, cache_images: bool = False):
+    cache = (decode_images([p for s in split.sets for p in s.image_paths]) if cache_images
+             else None)
+    self._sets = [(tuple(cache[p] for p in s.image_paths) if cache else s.image_paths,
+                   [split.examples[i].description for i in s.example_indices],
                    [split.examples[i].label for i in s.example_indices],
                    list(s.example_indices), s.is_video) for s in split.sets]
     if any(len(s[0]) != NUM_CANDIDATES for s in self._sets):
@@ -197,7 +220,8 @@ class LoadSet(grain.transforms.Map):
     n = len(texts)
     ids, mask = self.encoder(texts + [""] * (d - n))
     pad = [-1] * (d - n)
-    images = (np.stack([preprocess.load_image(p, s) for p in element["images"]]) if valid
+    images = (np.stack([preprocess.preprocess_pil(open_image(x, f"set {element['set_index']}"),
+                                                  s) for x in element["images"]]) if valid
               else np.zeros((NUM_CANDIDATES, s, s, 3), np.float32))
     return {"images": images, "input_ids": ids, "attention_mask": mask,
             "label": np.array((element["labels"] if valid else []) + pad, np.int32),
@@ -288,15 +312,16 @@ def pretrain_pipeline(pairs: PairsData | Sequence[PairExample] | Any, *, image_s
                       global_batch_size: int, seed: int, tokenizer: Callable | None = None,
                       max_length: int = 30, augmentation: int | str = 0,
                       min_scale: float = 0.2, num_epochs: int | None = None, shard: Any = None,
-                      num_threads: int = 2, prefetch_buffer_size: int = 2,
-                      worker_count: int = 0) -> Pipeline:
+                      cache_images: bool = False, num_threads: int = 2,
+                      prefetch_buffer_size: int = 2, worker_count: int = 0) -> Pipeline:
   """Pre-training batches {"image", "input_ids", "attention_mask"} (SPEC §7.1 transform).
 
   `pairs`: reader output or any source of {"image": path | bytes, "caption"} records
   (e.g. tfds_pairs.TfdsPairSource). Captions are used as given (the reader cleaned them).
   `augmentation` as augment.make_train_transform (0 = BLIP's; "none" = resize only).
   """
-  source = PairSource(pairs) if isinstance(pairs, (PairsData, list, tuple)) else pairs
+  source = (PairSource(pairs, cache_images) if isinstance(pairs, (PairsData, list, tuple))
+            else pairs)
   transform = augment.make_train_transform(image_size, augmentation, min_scale=min_scale)
   ds = (grain.MapDataset.source(source).shuffle(seed=seed)
         .random_map(LoadPair(transform), seed=seed + 1)
@@ -310,13 +335,15 @@ def imagecode_train_pipeline(split: ImagecodeSplit | Any, *, image_size: int,
                              tokenizer: Callable | None = None, max_length: int = 30,
                              augmentation: int | str = 0, num_epochs: int | None = None,
                              shard: Any = None, clean: Callable[[str], str] | None
-                             = pre_caption_imagecode, num_threads: int = 2,
-                             prefetch_buffer_size: int = 2, worker_count: int = 0) -> Pipeline:
+                             = pre_caption_imagecode, cache_images: bool = False,
+                             num_threads: int = 2, prefetch_buffer_size: int = 2,
+                             worker_count: int = 0) -> Pipeline:
   """IMAGECODE fine-tuning batches {"images", "input_ids", "attention_mask", "label",
   "is_video"}; the 10 candidates are augmented independently (SPEC §7.3); descriptions are
   cleaned with pre_caption_imagecode. `split`: reader output or a source of example records
   (e.g. tfds_imagecode.TfdsImagecodeSource). Drops the last partial global batch."""
-  source = ImagecodeExampleSource(split) if isinstance(split, ImagecodeSplit) else split
+  source = (ImagecodeExampleSource(split, cache_images) if isinstance(split, ImagecodeSplit)
+            else split)
   transform = augment.make_train_transform(image_size, augmentation)
   ds = (grain.MapDataset.source(source).shuffle(seed=seed)
         .random_map(LoadCandidates(transform), seed=seed + 1)
@@ -329,13 +356,13 @@ def imagecode_eval_pipeline(split: ImagecodeSplit, *, image_size: int, sets_per_
                             tokenizer: Callable | None = None, max_length: int = 30,
                             max_descriptions: int | None = None, shard: Any = None,
                             clean: Callable[[str], str] | None = pre_caption_imagecode,
-                            num_threads: int = 2, prefetch_buffer_size: int = 2,
-                            worker_count: int = 0) -> Pipeline:
+                            cache_images: bool = False, num_threads: int = 2,
+                            prefetch_buffer_size: int = 2, worker_count: int = 0) -> Pipeline:
   """One pass over the sets, `sets_per_batch` (global) sets per batch, in file order, each
   set's images loaded once with the evaluation transform; the last batch is padded."""
   d = max_descriptions or max((len(s.example_indices) for s in split.sets), default=1)
   n_batches = max(1, math.ceil(len(split.sets) / sets_per_batch))
-  source = ImagecodeSetSource(split, n_batches * sets_per_batch)
+  source = ImagecodeSetSource(split, n_batches * sets_per_batch, cache_images)
   ds = grain.MapDataset.source(source).map(
       LoadSet(image_size, d, TextEncoder(tokenizer, max_length, clean)))
   pipe = _finish(ds, len(source), sets_per_batch, shard, 1, num_threads,

@@ -306,7 +306,6 @@ def pair_captions(rng, scene, k: int) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 def _save(img, path):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   img.save(path, **JPEG_OPTIONS)
 
 
@@ -328,6 +327,7 @@ def _write_split(tmp, split_id, split, n_sets, first_index, p) -> tuple[dict, li
       frames = [start + p["frame_step"] * j for j in range(10)]
     else:
       name, frames = f"open-images-synth_{index:06d}", list(range(10))
+    os.makedirs(os.path.join(tmp, "image-sets", name))
     for k, scene in zip(frames, cands):
       _save(sc.render(scene, p["image_size"]), os.path.join(tmp, "image-sets", name, f"img{k}.jpg"))
     if split == "test":
@@ -341,6 +341,7 @@ def _write_split(tmp, split_id, split, n_sets, first_index, p) -> tuple[dict, li
 
 def _write_pairs(tmp, p) -> int:
   pairs, i = [], 0
+  os.makedirs(os.path.join(tmp, "pair-images"))
   while len(pairs) < p["n_pairs"]:
     rng = np.random.default_rng([p["seed"], 3, i])
     scene = pair_scene(rng)

@@ -1,7 +1,7 @@
 """Scenes of simple shapes for the synthetic IMAGECODE stand-in: objects, rendering, facts.
 
 A scene is a tuple of `Obj` (shape, colour, centre, half-size, visibility) on a plain dark
-background. `render` draws it with PIL at 4x and box-downsamples (anti-aliased edges, so
+background. `render` draws it with PIL at 2x and box-downsamples (anti-aliased edges, so
 sub-pixel positions and sizes survive at 32 px). `candidates` below are the 10 scenes of one set;
 the description functions return, for each phrasing, its truth in every candidate, and the set
 generator keeps only those true in exactly one candidate (the gold).
@@ -73,7 +73,7 @@ class Description:
 
 # --------------------------------------------------------------------------- rendering
 
-def render(scene: Sequence[Obj], size: int, supersample: int = 4) -> Image.Image:
+def render(scene: Sequence[Obj], size: int, supersample: int = 2) -> Image.Image:
   """Draws `scene` as an RGB PIL image of `size` x `size` pixels."""
   big = size * supersample
   img = Image.new("RGB", (big, big), BACKGROUND)
@@ -191,13 +191,13 @@ def absolute_descriptions(cands, specs, rng, min_present: int = 2) -> list[Descr
 
 
 def _relations(cands, specs, min_present) -> list[Description]:
-  out = []
+  out, objs = [], {s: _unique(cands, *s) for s in specs}
   for a in specs:
-    oa = _unique(cands, *a)
+    oa = objs[a]
     if oa is None or sum(o is not None for o in oa) < min_present:
       continue
     for b in specs:
-      ob = _unique(cands, *b)
+      ob = objs[b]
       if a == b or ob is None or sum(o is not None for o in ob) < min_present:
         continue
       for word, axis, sign in (("left of", "x", -1), ("right of", "x", 1),
@@ -322,11 +322,11 @@ def _temporal(cands, colour, shape, counts, shape_counts, objs, n) -> list[Descr
 
 
 def _closest(cands, specs, video, n) -> list[Description]:
-  out = []
+  out, objs = [], {s: _unique(cands, *s) for s in specs}
   for a in specs:
-    oa = _unique(cands, *a)
+    oa = objs[a]
     for b in specs:
-      ob = _unique(cands, *b)
+      ob = objs[b]
       if a >= b or oa is None or ob is None:
         continue
       dist = [float(np.hypot(p.x - q.x, p.y - q.y)) if p and q else None for p, q in zip(oa, ob)]
