@@ -1,0 +1,239 @@
+"""Shared pieces of the benchmarks (scripts, not tests: they print figures, assert nothing).
+
+- the PyTorch reference: a random-weight transformers `BlipForImageTextRetrieval` at BLIP-base
+  size (vision LayerNorm eps 1e-6, 12 text heads), written as a HF directory, and the same
+  weights converted to our Flax tree by the project's converter (`weight_convert`);
+- synthetic zero-shot inputs (ten-candidate groups, [ENC]-first descriptions of varied length);
+- timing (interleaved rounds, medians), compile time, memory (peak RSS of a process that runs
+  one variant only, and XLA's `memory_analysis`), machine load, and a table printer.
+
+Every benchmark runs the PyTorch reference in the same run on the same machine and reports
+ratios, because absolute figures on a shared 2-core machine drift by ~10% between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ENC_TOKEN_ID = 30523
+VOCAB_SIZE = 30524
+TEXT_LENGTH = 30          # ContextBLIP pads descriptions to 30 tokens (SPEC §2.2)
+GROUP = 10                # IMAGECODE candidates per set
+
+
+def load_average() -> str:
+  """'1-min/5-min/15-min' load averages, printed with every benchmark (2 shared cores)."""
+  return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident set size in MiB (Linux ru_maxrss is in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+  """This process's current resident set size in MiB."""
+  with open("/proc/self/statm") as f:
+    pages = int(f.read().split()[1])
+  return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch reference and its conversion
+# --------------------------------------------------------------------------------------------
+
+def hf_base_config(image_size: int = 224):
+  """transformers BlipConfig for BLIP-base with BLIP's own settings made explicit."""
+  from transformers import BlipConfig as HFBlipConfig
+  return HFBlipConfig(
+      vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, image_size=image_size, patch_size=16,
+                         layer_norm_eps=1e-6, attention_dropout=0.0),
+      text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=768, num_hidden_layers=12,
+                       num_attention_heads=12, intermediate_size=3072,
+                       max_position_embeddings=512, encoder_hidden_size=768,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+      image_text_hidden_size=256)
+
+
+def build_reference_dir(path: str, image_size: int = 224, seed: int = 0) -> str:
+  """Writes a random-weight BLIP-base `BlipForImageTextRetrieval` HF directory at `path`.
+
+  Weights N(0, 0.02), LayerNorm weights 1 + N(0, 0.1) (HF's own vision init is ~1e-10, which
+  would make denormal-heavy, unrepresentative arithmetic)."""
+  import torch
+  from transformers import BlipForImageTextRetrieval
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return path
+  torch.manual_seed(seed)
+  model = BlipForImageTextRetrieval(hf_base_config(image_size)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name.lower() and name.endswith("weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.02 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return path
+
+
+def load_reference(path: str):
+  """The PyTorch reference in eval mode (float32, CPU)."""
+  from transformers import BlipForImageTextRetrieval
+  return BlipForImageTextRetrieval.from_pretrained(path).eval()
+
+
+def convert_reference(path: str):
+  """(BlipConfig, Blip params) of the HF directory, through the project's converter."""
+  from weight_convert.converter import to_flax
+  from weight_convert.loaders import load_source
+  conv = to_flax(load_source(path, "hf"), hf_config="blip")
+  return conv.config, conv.params["pretrained_blip"]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ZeroShotSet:
+  """One IMAGECODE-like set: 10 candidate images and its descriptions."""
+  pixels: np.ndarray        # [10, S, S, 3] float32, normalised, NHWC
+  ids: np.ndarray           # [d, T] int32, [ENC] first, [SEP], [PAD]=0
+  mask: np.ndarray          # [d, T] int32
+
+
+def description_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+  """Token counts incl. [ENC]/[SEP]; IMAGECODE descriptions average ~23 words, most hit 30."""
+  return np.clip(rng.normal(25, 5, n).round().astype(int), 8, TEXT_LENGTH)
+
+
+def make_sets(descriptions_per_set: Sequence[int], image_size: int = 224,
+              seed: int = 0) -> list[ZeroShotSet]:
+  rng = np.random.default_rng(seed)
+  sets = []
+  for d in descriptions_per_set:
+    pixels = rng.standard_normal((GROUP, image_size, image_size, 3), dtype=np.float32)
+    ids = np.zeros((d, TEXT_LENGTH), np.int32)
+    mask = np.zeros((d, TEXT_LENGTH), np.int32)
+    for j, n in enumerate(description_lengths(rng, d)):
+      ids[j, 0], ids[j, n - 1] = ENC_TOKEN_ID, 102
+      ids[j, 1:n - 1] = rng.integers(1000, 30000, n - 2)
+      mask[j, :n] = 1
+    sets.append(ZeroShotSet(pixels, ids, mask))
+  return sets
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Variant:
+  """A named way to run the workload. `prepare()` builds, compiles and warms up (timed as the
+  variant's first-call cost) and returns (run, scores): `run()` runs the whole workload once
+  and returns its scores."""
+  name: str
+  prepare: Callable[[], tuple[Callable[[], Any], Any]]
+  kind: str = "jax"               # 'torch' or 'jax' (for the table)
+  notes: str = ""
+  run: Callable[[], Any] | None = None
+  compile_s: float = float("nan")
+  times: list[float] = dataclasses.field(default_factory=list)
+  scores: Any = None
+  extra: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times) if self.times else float("nan")
+
+
+def measure(variants: Sequence[Variant], rounds: int, log=print) -> None:
+  """Prepares every variant (first-call cost = build + compile + one warm-up run), then runs
+  `rounds` interleaved rounds (v1, v2, ..., v1, v2, ...) so that load changes hit all variants
+  alike."""
+  for v in variants:
+    t0 = time.perf_counter()
+    v.run, scores = v.prepare()
+    v.scores = np.asarray(scores)
+    v.compile_s = time.perf_counter() - t0
+    log(f"  prepared {v.name:<26s} first call {v.compile_s:7.1f} s   load {load_average()}")
+  for r in range(rounds):
+    for v in variants:
+      t0 = time.perf_counter()
+      v.run()
+      v.times.append(time.perf_counter() - t0)
+    log(f"  round {r + 1}/{rounds}: " + "  ".join(f"{v.name} {v.times[-1]:.2f}s" for v in variants)
+        + f"   load {load_average()}")
+
+
+def print_table(variants: Sequence[Variant], unit: str, units_per_run: float,
+                baselines: dict[str, str], reference_scores: np.ndarray | None = None,
+                memory: dict[str, dict] | None = None, log=print) -> list[dict]:
+  """Prints one row per variant: median s/run, `unit`/s, ratio to each baseline, compile time,
+  memory, max |score - reference|. Returns the rows (for --json)."""
+  rows = []
+  by_name = {v.name: v for v in variants}
+  hdr = (f"{'variant':<26s} {'median s':>9s} {unit + '/s':>10s} "
+         + " ".join(f"{'x ' + k:>10s}" for k in baselines)
+         + f" {'first s':>8s} {'peak MiB':>9s} {'xla MiB':>8s} {'max|dscore|':>11s}")
+  log(hdr)
+  log("-" * len(hdr))
+  for v in variants:
+    row = dict(variant=v.name, kind=v.kind, median_s=v.median, per_s=units_per_run / v.median,
+               first_call_s=v.compile_s, times=v.times, notes=v.notes, **v.extra)
+    ratios = []
+    for label, base in baselines.items():
+      b = by_name.get(base)
+      ratio = b.median / v.median if b else float("nan")
+      row[f"x_{label}"] = ratio
+      ratios.append(f"{ratio:>10.2f}")
+    mem = (memory or {}).get(v.name, {})
+    row["peak_rss_mib"] = mem.get("peak_rss_mib", float("nan"))
+    xla = v.extra.get("xla_bytes")
+    diff = float("nan")
+    if reference_scores is not None and v.scores is not None:
+      diff = float(np.max(np.abs(np.asarray(v.scores, np.float64) - reference_scores)))
+    row["max_abs_score_diff"] = diff
+    log(f"{v.name:<26s} {v.median:>9.2f} {units_per_run / v.median:>10.3f} " + " ".join(ratios)
+        + f" {v.compile_s:>8.1f} {row['peak_rss_mib']:>9.0f} "
+        + f"{(xla / 2**20 if xla else float('nan')):>8.0f} {diff:>11.2e}")
+    rows.append(row)
+  return rows
+
+
+def jax_memory_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries of a compiled JAX executable (XLA's own account)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# One variant per process (for peak memory)
+# --------------------------------------------------------------------------------------------
+
+def run_isolated(script: str, args: Sequence[str], env: dict | None = None,
+                 timeout: int = 900) -> dict:
+  """Runs `python script *args` and parses the last stdout line as JSON."""
+  proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, **(env or {})})
+  if proc.returncode != 0:
+    raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
