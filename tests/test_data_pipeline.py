@@ -231,3 +231,20 @@ def test_image_cache_gives_identical_batches(data):
   kw = dict(image_size=S, global_batch_size=8, seed=0, tokenizer=data["tok"])
   assert _same(_take(iter(P.pretrain_pipeline(data["pairs"], **kw)), 2),
                _take(iter(P.pretrain_pipeline(data["pairs"], cache_images=True, **kw)), 2))
+
+
+def test_eval_records(data):
+  split = data["valid"]
+  pipe = P.imagecode_eval_pipeline(split, image_size=S, sets_per_batch=4, tokenizer=data["tok"])
+  records = []
+  for b in pipe:
+    # oracle scores: 1 at the gold candidate
+    scores = np.zeros(b["label"].shape + (10,), np.float32)
+    rows, cols = np.nonzero(b["desc_mask"])
+    scores[rows, cols, b["label"][rows, cols]] = 1.0
+    records += P.eval_records(split, b, scores)
+  assert len(records) == len(split.examples)
+  assert all(r["pred"] == r["gold"] for r in records)
+  assert sorted((r["set"], r["index"]) for r in records) == sorted(
+      (e.set_name, e.position) for e in split.examples)
+  assert {r["static"] for r in records} == {True, False}

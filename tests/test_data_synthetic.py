@@ -131,3 +131,19 @@ def test_scene_facts_and_rendering():
                                       np.random.default_rng(0))
   exists = [d for d in absolute if d.kind == "exists" and "yellow triangle" in d.text]
   assert exists and sum(exists[0].truth) == 4 and exists[0].gold is None
+
+
+def test_ensure_reuses_or_regenerates(generated, tmp_path):
+  root, summary = generated
+  before = _digest(root)
+  again = synthetic.ensure(root, seed=3, **SIZES)             # same parameters: reused
+  assert again["splits"] == summary["splits"] and again["seconds"] == 0.0
+  assert _digest(root) == before
+  other = tmp_path / "x"
+  synthetic.ensure(str(other), seed=3, **SIZES)
+  assert _digest(str(other)) == before
+  synthetic.ensure(str(other), seed=5, **SIZES)               # other seed: regenerated
+  assert _digest(str(other))["train_data.json"] != before["train_data.json"]
+  (tmp_path / "plain").mkdir()
+  with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+    synthetic.ensure(str(tmp_path / "plain"), seed=3, **SIZES)

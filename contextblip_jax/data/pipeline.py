@@ -28,6 +28,8 @@ Batch formats (per process; L = local batch size, S image size, T max_length):
        "set_mask": bool [L]                      real set (the last global batch is padded)
        "is_video": bool [L]}
     Every process gets the same number of batches (ceil(sets / G)), none dropped.
+    `eval_records(split, batch, scores [L, D, 10])` turns a batch's scores into
+    eval_metrics prediction records.
 
 Iterators: `it = iter(pipeline)` is a `grain.DatasetIterator`; `it.get_state()` /
 `it.set_state(state)` (a small JSON-able dict) save and resume the position exactly. With
@@ -369,3 +371,21 @@ def imagecode_eval_pipeline(split: ImagecodeSplit, *, image_size: int, sets_per_
                  prefetch_buffer_size, worker_count)
   pipe.num_records = len(split.sets)
   return pipe
+
+
+def eval_records(split: ImagecodeSplit, batch: dict[str, np.ndarray], scores: np.ndarray
+                 ) -> list[dict[str, Any]]:
+  """eval_metrics prediction records of one evaluation batch (this process's rows).
+
+  `scores` [L, D, 10]: each description's scores for the 10 candidates (higher = better).
+  Padded sets and descriptions are skipped; `gold` is None for an unlabelled split."""
+  scores = np.asarray(scores, np.float32)
+  out = []
+  for row in np.nonzero(np.asarray(batch["set_mask"]))[0]:
+    for j in np.nonzero(np.asarray(batch["desc_mask"][row]))[0]:
+      e = split.examples[int(batch["example_index"][row, j])]
+      out.append({"set": e.set_name, "index": e.position, "description": e.description,
+                  "static": not e.is_video, "gold": e.label if split.labelled else None,
+                  "pred": int(np.argmax(scores[row, j])),
+                  "scores": [float(v) for v in scores[row, j]]})
+  return out

@@ -33,6 +33,7 @@ so the same seed gives byte-identical files (and changing one split's size leave
 unchanged). Output is written to a temporary sibling directory and renamed into place.
 
   python -m contextblip_jax.data.synthetic --out DIR --seed 0 [--n_train_sets 500 ...]
+In process: `generate(out_dir, seed, **sizes)`, or `ensure(...)` to reuse an identical one.
 """
 
 from __future__ import annotations
@@ -427,6 +428,25 @@ def generate(out_dir: str, seed: int = 0, overwrite: bool = False, **sizes) -> d
     raise
   summary.update(out_dir=out_dir, seconds=round(time.perf_counter() - t0, 3))
   return summary
+
+
+def ensure(out_dir: str, seed: int = 0, **sizes) -> dict[str, Any]:
+  """Generates `out_dir` unless it already holds this generator's output for the same seed
+  and parameters; returns the summary. A different synthetic dataset there is regenerated;
+  a directory that is not one raises FileExistsError."""
+  p = dict(DEFAULTS, **sizes, seed=int(seed))
+  meta_path = os.path.join(out_dir, "synthetic_meta.json")
+  if os.path.exists(out_dir):
+    try:
+      with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise FileExistsError(f"{out_dir} exists and is not a synthetic dataset ({e})") from e
+    if meta.get("generator") != "contextblip_jax.data.synthetic":
+      raise FileExistsError(f"{out_dir} exists and is not a synthetic dataset")
+    if meta["summary"]["params"] == p:
+      return dict(meta["summary"], out_dir=os.path.abspath(out_dir), seconds=0.0)
+  return generate(out_dir, seed, overwrite=True, **sizes)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
