@@ -7,7 +7,8 @@ Layout written under `out_dir` (same file names and JSON/YAML schemas as the rea
   train_data.json                    {set_name: {"<gold 0-9>": description}}
   valid_data.json                    same
   test_data_unlabeled.json           {set_name: [description, ...]}
-  manual_annotation_valid.yaml       {set_name: {"<gold>": {description, annotation, visualization_id}}}
+  manual_annotation_valid.yaml       {set_name: {"<gold>": {description, annotation,
+                                                          visualization_id}}}
   pairs.json + pair-images/*.jpg     [{"image": "pair-images/pair_000000.jpg", "caption": str}]
   synthetic_meta.json                parameters, counts, each description's kind, test labels
 
@@ -26,11 +27,13 @@ set's descriptions have distinct golds. Kinds and tags (real IMAGECODE tag vocab
     temporal_visibility (t, v) "the first frame where the yellow triangle is visible",
     temporal_colour (t, col), temporal_count (t, q).
 Pairs show one to four objects with captions built from the same single-image phrasings plus
-a full-scene caption, so pre-training teaches every word the descriptions use.
+a full-scene caption, so pre-training teaches every object, colour, number, size and position
+word of the descriptions (the comparison words, e.g. "first", "furthest", are learnt only in
+fine-tuning).
 
 Determinism: every set / pair image draws from its own `np.random.default_rng([seed, split, i])`,
-so the same seed gives byte-identical files (and changing one split's size leaves the others
-unchanged). Output is written to a temporary sibling directory and renamed into place.
+so the same seed gives byte-identical files (and changing one split's size leaves the other
+splits' images and descriptions unchanged; set names are numbered across the splits). Output is written to a temporary sibling directory and renamed into place.
 
   python -m contextblip_jax.data.synthetic --out DIR --seed 0 [--n_train_sets 500 ...]
 In process: `generate(out_dir, seed, **sizes)`, or `ensure(...)` to reuse an identical one.
@@ -41,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import shutil
 import tempfile
