@@ -16,7 +16,7 @@ import torch_reference as tr
 from contextblip_jax.models.variants import get_variant
 from contextblip_jax.pretrained import load_pretrained
 from weight_convert import (ConversionError, UnsafeCheckpointError, abstract_params, convert,
-                            load_source, mapping, resample_pos_embed, to_flax)
+                            export_hf, load_source, mapping, resample_pos_embed, to_flax)
 from weight_convert.__main__ import main
 from weight_convert.infer_config import adapter_from_source, config_from_hf
 from weight_convert.loaders import SourceState
@@ -119,6 +119,16 @@ def test_original_safetensors_file_and_bare_state_dict_give_same_params(model, f
       np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_untied_decoder_word_embeddings_are_reported(model):
+  sd = tr.original_state_dict(model)
+  src = SourceState(dict(sd), {}, "mem.pth", "original")
+  assert not any("differs" in n for n in to_flax(src, vision_heads=4, text_heads=4).report.notes)
+  sd["text_decoder.bert.embeddings.word_embeddings.weight"] += 1.0
+  notes = to_flax(SourceState(sd, {}, "mem.pth", "original"), vision_heads=4,
+                  text_heads=4).report.notes
+  assert any("text_decoder.bert.embeddings.word_embeddings.weight differs" in n for n in notes)
+
+
 def test_heads_default_to_width_over_64_so_tiny_widths_need_them(files):
   with pytest.raises(ConversionError, match="cannot infer vision heads for width 32"):
     to_flax(load_source(files["orig"]), text_heads=4)
@@ -148,6 +158,9 @@ def test_contextblip_checkpoint_adapter_transposed_and_tmim_reported(model, file
       sd["pretrained_blip.itm_head.weight"].numpy().T)
   rep = to_flax(load_source(files["cb"]), vision_heads=4, text_heads=4).report
   assert rep.ignored == {"contextblip_tmim": 6, "position_ids": 1}
+  logged = []
+  export_hf(pre.params, pre.config, str(tmp_path / "hf"), log=logged.append)
+  assert any("vision_adapter subtree has no Hugging Face counterpart" in s for s in logged)
 
 
 def test_adapter_taps_and_delta_inferred_for_b16_shapes():

@@ -166,6 +166,19 @@ def source_config(source: SourceState, image_size: int | None = None, *,
   return config, notes, config.vision.image_size != native
 
 
+def _tied_embedding_note(source: SourceState) -> list[str]:
+  """ContextBLIP's load_checkpoint copies the *decoder's* word embeddings into the encoder
+  (SPEC §2.6). BLIP pre-training ties them, so they are equal; say so if they are not."""
+  enc, dec = ("text_encoder.embeddings.word_embeddings.weight",
+              "text_decoder.bert.embeddings.word_embeddings.weight")
+  if enc in source.arrays and dec in source.arrays and (
+      source.shape(enc) != source.shape(dec)
+      or not np.array_equal(source.numpy(enc), source.numpy(dec))):
+    return [f"{source.name(dec)} differs from {source.name(enc)}; the encoder's was used "
+            f"(ContextBLIP's loader would copy the decoder's)"]
+  return []
+
+
 def to_flax(source: SourceState, image_size: int | None = None, *,
             vision_heads: int | None = None, text_heads: int | None = None,
             hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
@@ -177,7 +190,7 @@ def to_flax(source: SourceState, image_size: int | None = None, *,
   adapter = adapter_from_source(source, config, adapter_taps)
   target = abstract_params(config, adapter)
   params, report = map_source(source, target, allow_resample=resample)
-  report.notes[:0] = source.notes + notes
+  report.notes[:0] = source.notes + notes + _tied_embedding_note(source)
   n_leaves = len(traverse_util.flatten_dict(target))
   log(f"[2/4] map: {n_leaves} target parameters from {len(source.arrays)} source tensors"
       + (f"; adapter taps {adapter['taps']} reduction {adapter['reduction']}" if adapter else ""))

@@ -48,7 +48,8 @@ def config_from_hf(hf: dict[str, Any], policy: str = "blip") -> tuple[BlipConfig
   if policy not in ("blip", "config"):
     raise ValueError(f"hf_config policy must be 'blip' or 'config', got {policy!r}")
   arch = hf.get("architectures") or []
-  if hf.get("model_type") not in (None, "blip") or (arch and "BlipForImageTextRetrieval" not in arch):
+  if hf.get("model_type") not in (None, "blip") or (
+      arch and "BlipForImageTextRetrieval" not in arch):
     raise ConversionError(f"config.json describes {hf.get('model_type')!r} {arch}, not a "
                           f"BlipForImageTextRetrieval")
   v = {**HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
@@ -62,7 +63,8 @@ def config_from_hf(hf: dict[str, Any], policy: str = "blip") -> tuple[BlipConfig
                           "have no cross-attention, which BLIP ITM needs")
   notes = []
   base = TextConfig()
-  eps, hdrop, adrop = v["layer_norm_eps"], t["hidden_dropout_prob"], t["attention_probs_dropout_prob"]
+  eps = v["layer_norm_eps"]
+  hdrop, adrop = t["hidden_dropout_prob"], t["attention_probs_dropout_prob"]
   if policy == "blip":
     if eps != BLIP_VISION_EPS:
       notes.append(f"vision layer_norm_eps: config.json has {eps:g} (HF default); using "
@@ -165,7 +167,8 @@ def config_from_original(source: SourceState, vision_heads: int | None = None,
       mlp_dim=_need(source, "visual_encoder.blocks.0.mlp.fc1.weight", 2)[0])
   text = dataclasses.replace(
       base.text, vocab_size=vocab, hidden_size=hidden,
-      num_layers=_count(source, r"^text_encoder\.encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),
+      num_layers=_count(
+          source, r"^text_encoder\.encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),
       num_heads=_heads(hidden, text_heads, "text"),
       intermediate_size=_need(
           source, "text_encoder.encoder.layer.0.intermediate.dense.weight", 2)[0],

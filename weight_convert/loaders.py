@@ -84,8 +84,12 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 def _load_torch(path: str) -> Any:
   """`torch.load(weights_only=True)`; refuses (without running) any pickle naming a global."""
   import pickle
-
-  import torch  # lazy: only the converter reading a torch file needs torch
+  try:
+    import torch  # lazy: only the converter reading a torch file needs torch
+  except ImportError as e:
+    raise ConversionError(f"{path}: reading a torch checkpoint needs torch (pip install "
+                          f"torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu), "
+                          f"or convert the file to safetensors first") from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
   except pickle.UnpicklingError as e:
@@ -182,7 +186,8 @@ def load_hf_dir(path: str) -> SourceState:
   elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
     state = read_weight_file(os.path.join(path, "pytorch_model.bin"))
   else:
-    raise ConversionError(f"{path}: no weights found (expected one of {', '.join(HF_WEIGHT_FILES)})")
+    raise ConversionError(f"{path}: no weights found (expected one of "
+                          f"{', '.join(HF_WEIGHT_FILES)})")
   notes: list[str] = []
   state = _unwrap(state, path, notes)
   return SourceState(dict(state), {k: k for k in state}, path, "hf", hf_config, notes)
