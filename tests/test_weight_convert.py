@@ -119,6 +119,31 @@ def test_original_safetensors_file_and_bare_state_dict_give_same_params(model, f
       np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_hf_pytorch_model_bin_and_sharded_safetensors_give_same_params(model, files, tmp_path):
+  import json
+  import shutil
+  from safetensors.torch import save_file
+  sd = model.state_dict()
+  bin_dir, shard_dir = tmp_path / "bin", tmp_path / "sharded"
+  for d in (bin_dir, shard_dir):
+    d.mkdir()
+    shutil.copy(os.path.join(files["hf"], "config.json"), d / "config.json")
+  torch.save(sd, bin_dir / "pytorch_model.bin")
+  keys = sorted(sd)
+  halves = {"model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2]}
+  for name, ks in halves.items():
+    save_file({k: sd[k].contiguous() for k in ks}, str(shard_dir / name))
+  with open(shard_dir / "model.safetensors.index.json", "w") as f:
+    json.dump({"weight_map": {k: n for n, ks in halves.items() for k in ks}}, f)
+  ref = _flat(to_flax(load_source(files["hf"])).params)
+  for d in (bin_dir, shard_dir):
+    got = _flat(to_flax(load_source(str(d))).params)
+    assert got.keys() == ref.keys()
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
 def test_untied_decoder_word_embeddings_are_reported(model):
   sd = tr.original_state_dict(model)
   src = SourceState(dict(sd), {}, "mem.pth", "original")
