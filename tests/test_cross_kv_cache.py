@@ -16,14 +16,15 @@ def model_and_params():
   config = get_variant("tiny")
   model = Blip(config)
   s = config.vision.image_size
-  init = jax.jit(lambda: nn.unbox(model.init(
+  # random parameters of the right shapes without compiling `init` (N(0, 0.1) everywhere)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
       jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.ones((1, 5), jnp.int32),
       jnp.ones((1, 5), jnp.int32))))
-  return model, init(), config
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), shapes)
+  return model, params, config
 
-
-def _apply(model, params, *args, method, **kw):
-  return jax.jit(lambda p, *a: model.apply(p, *a, method=method, **kw))(params, *args)
 
 
 def _texts(rows, length=9, seed=1):
@@ -42,33 +43,44 @@ def test_cached_itm_equals_uncached(model_and_params, per_image, with_image_mask
   s, n_images = config.vision.image_size, 4
   pixels = jax.random.normal(jax.random.key(2), (n_images, s, s, 3))
   ids, mask = _texts(n_images * per_image)
-  embeds = _apply(model, params, pixels, method=Blip.encode_image).last_hidden_state
   image_mask = None
   if with_image_mask:
-    image_mask = jnp.ones(embeds.shape[:2], jnp.int32).at[1, -3:].set(0).at[3, 5:9].set(0)
-  # uncached: every text row gets its own copy of its image's tokens (image-major rows)
-  rep = lambda x: None if x is None else jnp.repeat(x, per_image, axis=0)
-  ref = _apply(model, params, ids, mask, rep(embeds), rep(image_mask),
-                    return_cross_attentions=True, method=Blip.multimodal)
-  kv = _apply(model, params, embeds, method=Blip.image_cross_kv)
+    n = config.vision.num_patches + 1
+    image_mask = jnp.ones((n_images, n), jnp.int32).at[1, -3:].set(0).at[3, 5:9].set(0)
+
+  @jax.jit
+  def both(params, pixels, ids, mask, image_mask):
+    apply = lambda *a, **kw: model.apply(params, *a, **kw)
+    embeds = apply(pixels, method=Blip.encode_image).last_hidden_state
+    # uncached: every text row gets its own copy of its image's tokens (image-major rows)
+    rep = lambda x: None if x is None else jnp.repeat(x, per_image, axis=0)
+    ref = apply(ids, mask, rep(embeds), rep(image_mask), return_cross_attentions=True,
+                method=Blip.multimodal)
+    ref_logits = apply(ids, mask, rep(embeds), rep(image_mask), method=Blip.itm)
+    kv = apply(embeds, method=Blip.image_cross_kv)
+    out = apply(ids, mask, kv, image_mask, return_cross_attentions=True,
+                method=Blip.multimodal_cached)
+    logits = apply(ids, mask, kv, image_mask, method=Blip.itm_cached)
+    return ref, ref_logits, kv, out, logits
+
+  ref, ref_logits, kv, out, logits = both(params, pixels, ids, mask, image_mask)
   assert len(kv) == config.text.num_layers
-  assert kv[0][0].shape == (n_images, embeds.shape[1], config.text.num_heads,
+  assert kv[0][0].shape == (n_images, config.vision.num_patches + 1, config.text.num_heads,
                             config.text.hidden_size // config.text.num_heads)
-  out = _apply(model, params, ids, mask, kv, image_mask, return_cross_attentions=True,
-                    method=Blip.multimodal_cached)
   np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state, atol=1e-6, rtol=0)
   for a, b in zip(out.cross_attentions, ref.cross_attentions, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-  logits = _apply(model, params, ids, mask, kv, image_mask, method=Blip.itm_cached)
-  ref_logits = _apply(model, params, ids, mask, rep(embeds), rep(image_mask), method=Blip.itm)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-6, rtol=0)
+  assert float(jnp.max(jnp.abs(ref_logits))) > 1e-3      # not a trivially zero comparison
 
 
 def test_cached_rows_must_group_over_images(model_and_params):
   model, params, config = model_and_params
   s = config.vision.image_size
-  embeds = _apply(model, params, jnp.zeros((2, s, s, 3)), method=Blip.encode_image)
-  kv = _apply(model, params, embeds.last_hidden_state, method=Blip.image_cross_kv)
+  n, w = config.vision.num_patches + 1, config.vision.width
+  kv = jax.eval_shape(lambda p, e: model.apply(p, e, method=Blip.image_cross_kv),
+                      params, jax.ShapeDtypeStruct((2, n, w), jnp.float32))
   ids, mask = _texts(3)
   with pytest.raises(ValueError, match="do not group"):
-    _apply(model, params, ids, mask, kv, method=Blip.itm_cached)
+    jax.eval_shape(lambda p, kv: model.apply(p, ids, mask, kv, method=Blip.itm_cached),
+                   params, kv)
