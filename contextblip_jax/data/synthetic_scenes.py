@@ -262,6 +262,10 @@ def context_descriptions(cands, specs, video: bool, rng) -> list[Description]:
   return out + _closest(cands, [s for s in specs if s[0]], video, n)
 
 
+def _band(v: float) -> int:
+  return min(2, max(0, int(v * 3)))
+
+
 def _superlatives(objs, colour, shape, video, where, n) -> list[Description]:
   out, name = [], ref(colour, shape)
   for axis, largest, word_v, word_s in (("x", True, "is furthest right", "is further right"),
@@ -269,7 +273,10 @@ def _superlatives(objs, colour, shape, video, where, n) -> list[Description]:
                                         ("y", False, "is highest", "is higher"),
                                         ("y", True, "is lowest", "is lower")):
     i = _extreme([getattr(o, axis) if o else None for o in objs], EXTREME_GAP, largest)
-    if i is not None:
+    # keep it contextual: another candidate shares the gold's grid column (row), so the
+    # absolute cue ("on the right") is ambiguous and only the comparison singles out the gold
+    if i is not None and sum(o is not None and _band(getattr(o, axis)) ==
+                             _band(getattr(objs[i], axis)) for o in objs) >= 2:
       text = (where.format(name) + f" {word_v}" if video
               else f"the {name} {word_s} than in any other image")
       out.append(_desc(text, "extreme_position", ("con", "s"), _one_hot(n, i)))
