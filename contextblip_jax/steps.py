@@ -49,6 +49,9 @@ from contextblip_jax.optim import Optimizer
 from contextblip_jax.train_state import (FreezeRules, TrainState, merge_params,
                                          partition_params)
 
+# Metrics that are sums over the examples of a batch (summed over micro-batches, not averaged).
+SUM_METRICS = ("loss", "correct", "num_examples")
+
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 
 _log = logging.getLogger(__name__)
@@ -102,28 +105,39 @@ def abstract_train_state(init_fn: Callable[[jax.Array], Any], *, tx: optax.Gradi
   return abstract, shardings, boxed
 
 
-def _override(params: Any, given: Any, shardings: Any) -> Any:
-  """Replaces leaves of `params` by those of the (possibly partial) tree `given`, each placed
-  with device_put onto the target sharding; unknown paths or shape mismatches raise."""
-  flat = traverse_util.flatten_dict(params, sep="/")
+def _place_given(abstract: Any, given: Any, shardings: Any) -> dict[str, jax.Array]:
+  """Flat {'/'-path: array} of the (possibly partial) tree `given`, each leaf checked against
+  the model's abstract tree (unknown path or shape mismatch -> error), cast to the parameter
+  dtype and placed with device_put onto its target sharding."""
+  flat = traverse_util.flatten_dict(abstract, sep="/")
   flat_sh = traverse_util.flatten_dict(shardings, sep="/")
   given_flat = traverse_util.flatten_dict(given, sep="/")
   unknown = sorted(set(given_flat) - set(flat))
   if unknown:
     raise ValueError(f"given parameters not in the model: {unknown[:10]}"
                      f"{' ...' if len(unknown) > 10 else ''}")
+  out = {}
   for k, v in given_flat.items():
     if tuple(np.shape(v)) != tuple(flat[k].shape):
       raise ValueError(f"given parameter {k!r} has shape {np.shape(v)}, the model expects "
                        f"{flat[k].shape}")
-    flat[k] = jax.device_put(jnp.asarray(v, flat[k].dtype), flat_sh[k])
-  return traverse_util.unflatten_dict(flat, sep="/")
+    out[k] = _put(v, flat[k].dtype, flat_sh[k])
+  return out
+
+
+def _put(value: Any, dtype, sharding: NamedSharding) -> jax.Array:
+  """A jax.Array is resharded with device_put; host data goes straight to each device's shard
+  (make_array_from_callback: nothing whole on one device; works across processes)."""
+  if isinstance(value, jax.Array):
+    return jax.device_put(value.astype(dtype), sharding)
+  arr = np.asarray(value, dtype)
+  return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
 def init_train_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, *,
                      tx: optax.GradientTransformation, freeze_rules: FreezeRules,
-                     mesh: jax.sharding.Mesh, rules=None,
-                     params: Any | None = None) -> tuple[TrainState, TrainState]:
+                     mesh: jax.sharding.Mesh, rules=None, params: Any | None = None,
+                     compiler_options: dict | None = None) -> tuple[TrainState, TrainState]:
   """Shape-first, sharded initialisation of the training state.
 
   eval_shape(init) -> shardings from the logical axis names -> jit(init, out_shardings) (no
@@ -133,32 +147,40 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, *,
   Args:
     init_fn: rng -> boxed parameter tree.
     rng: raw PRNG key; split into the init key and the state's training key.
-    params: optional (partial) tree of given values (converted checkpoint, previous stage);
-      they replace the initialised leaves at the same paths, placed with device_put.
+    params: optional (partial) tree of given values (converted checkpoint, previous stage):
+      they are placed with device_put onto their shardings, and only the leaves not given are
+      initialised (the jitted init returns only those; XLA prunes the rest).
+    compiler_options: XLA options for the init programs (e.g. a low optimisation level).
   Returns:
     (state, shardings): the TrainState and the TrainState of its NamedShardings.
   """
-  _, shardings, _ = abstract_train_state(init_fn, tx=tx, freeze_rules=freeze_rules,
-                                         mesh=mesh, rules=rules)
+  abstract, shardings, _ = abstract_train_state(init_fn, tx=tx, freeze_rules=freeze_rules,
+                                                mesh=mesh, rules=rules)
   init_rng, train_rng = jax.random.split(rng)
+  full_abs = merge_params(abstract.trainable, abstract.frozen)
+  full_sh = merge_params(shardings.trainable, shardings.frozen)
+  given = {} if params is None else _place_given(full_abs, params, full_sh)
+  missing = [k for k in traverse_util.flatten_dict(full_abs, sep="/") if k not in given]
+  flat_sh = traverse_util.flatten_dict(full_sh, sep="/")
 
-  def init_params(r):
-    return partition_params(nn.unbox(init_fn(r)), freeze_rules)
+  def init_missing(r):
+    flat = traverse_util.flatten_dict(nn.unbox(init_fn(r)), sep="/")
+    return {k: flat[k] for k in missing}
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.get_rules(rules)):
-    trainable, frozen = jax.jit(init_params, out_shardings=(shardings.trainable,
-                                                            shardings.frozen))(init_rng)
-    if params is not None:
-      full_sh = merge_params(shardings.trainable, shardings.frozen)
-      trainable, frozen = partition_params(
-          _override(merge_params(trainable, frozen), params, full_sh), freeze_rules)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+    fresh = {}
+    if missing:
+      fresh = jax.jit(init_missing, out_shardings={k: flat_sh[k] for k in missing},
+                      compiler_options=compiler_options)(init_rng)
+    trainable, frozen = partition_params(
+        traverse_util.unflatten_dict({**given, **fresh}, sep="/"), freeze_rules)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state,
+                        compiler_options=compiler_options)(trainable)
   rep = shd.replicated(mesh)
+  if jnp.issubdtype(train_rng.dtype, jax.dtypes.prng_key):
+    train_rng = jax.random.key_data(train_rng)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), trainable=trainable,
-                     frozen=frozen, opt_state=opt_state,
-                     rng=jax.device_put(jax.random.key_data(train_rng)
-                                        if jnp.issubdtype(train_rng.dtype, jax.dtypes.prng_key)
-                                        else train_rng, rep))
+                     frozen=frozen, opt_state=opt_state, rng=jax.device_put(train_rng, rep))
   return state, shardings
 
 
@@ -176,8 +198,14 @@ def _micro_batches(batch: Any, accum_steps: int) -> Any:
 
 
 def loss_and_grads(trainable: Any, frozen: Any, batch: Any, rng: jax.Array, *, loss_fn: LossFn,
-                   accum_steps: int = 1, reduction: str = "mean"):
-  """((loss, metrics), grads) with gradients w.r.t. `trainable` only."""
+                   accum_steps: int = 1, reduction: str = "mean",
+                   sum_metrics: Sequence[str] = SUM_METRICS):
+  """((loss, metrics), grads) with gradients w.r.t. `trainable` only.
+
+  With accumulation the loss and gradients follow `reduction`; the metrics named in
+  `sum_metrics` (counts, sums over examples) are summed over micro-batches and all other
+  metrics (means, accuracies) are averaged.
+  """
   if reduction not in ("mean", "sum"):
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
@@ -196,21 +224,23 @@ def loss_and_grads(trainable: Any, frozen: Any, batch: Any, rng: jax.Array, *, l
     i, mb = xs
     out = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
     return jax.tree.map(jnp.add, acc, out), None
-  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  (loss, metrics), grads = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))[0]
   if reduction == "mean":
-    total = jax.tree.map(lambda x: x / accum_steps, total)
-  return total
+    loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+  metrics = {k: v if k in sum_metrics else v / accum_steps for k, v in metrics.items()}
+  return (loss, metrics), grads
 
 
 def train_step(state: TrainState, batch: Any, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, accum_steps: int = 1, reduction: str = "mean",
+               sum_metrics: Sequence[str] = SUM_METRICS,
                schedules: Mapping[str, Callable] | None = None) -> tuple[TrainState, dict]:
   """One optimizer update. Randomness: fold_in(state.rng, state.step). Pure; jit it with
   `make_train_step`."""
   rng = jax.random.fold_in(state.rng, state.step)
   (loss, metrics), grads = loss_and_grads(state.trainable, state.frozen, batch, rng,
                                           loss_fn=loss_fn, accum_steps=accum_steps,
-                                          reduction=reduction)
+                                          reduction=reduction, sum_metrics=sum_metrics)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   metrics = dict(metrics)
@@ -244,26 +274,27 @@ def _with_context(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
 def make_train_step(loss_fn: LossFn, optimizer: Optimizer | optax.GradientTransformation,
                     state_shardings: TrainState, batch_shardings: Any, *,
                     mesh: jax.sharding.Mesh, rules=None, accum_steps: int = 1,
-                    reduction: str = "mean", donate: bool = True):
+                    reduction: str = "mean", sum_metrics: Sequence[str] = SUM_METRICS,
+                    donate: bool = True, compiler_options: dict | None = None):
   """jit(train_step) with explicit in/out shardings; the state argument is donated."""
   if isinstance(optimizer, Optimizer):
     tx, schedules = optimizer.tx, optimizer.schedules
   else:
     tx, schedules = optimizer, None
   fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
-                         reduction=reduction, schedules=schedules)
+                         reduction=reduction, sum_metrics=sum_metrics, schedules=schedules)
   return jax.jit(_with_context(fn, mesh, rules),
                  in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
 
 def make_eval_step(loss_fn: LossFn, state_shardings: TrainState, batch_shardings: Any, *,
-                   mesh: jax.sharding.Mesh, rules=None):
+                   mesh: jax.sharding.Mesh, rules=None, compiler_options: dict | None = None):
   """jit(eval_step) with explicit in/out shardings (nothing donated)."""
   fn = functools.partial(eval_step, loss_fn=loss_fn)
   return jax.jit(_with_context(fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=shd.replicated(mesh))
+                 out_shardings=shd.replicated(mesh), compiler_options=compiler_options)
 
 
 # ----------------------------------------------------------------------------- AOT compile

@@ -1,0 +1,112 @@
+"""Mesh construction, the logical-axis rules and the golden parameter-sharding table.
+
+Regenerate the golden table (only after an intended change of the model or the rules) with
+  REGENERATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_sharding.py
+"""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from contextblip_jax import sharding as shd
+from contextblip_jax import steps
+from contextblip_jax.models import layers
+from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_param_shardings.txt")
+
+
+def test_make_mesh_fills_minus_one_and_validates():
+  mesh = shd.make_mesh({"data": -1, "fsdp": 2})
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert shd.mesh_shape({"tensor": 2, "data": -1}, 8) == (4, 1, 2)
+  with pytest.raises(ValueError, match="at most one axis"):
+    shd.make_mesh({"data": -1, "fsdp": -1})
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    shd.make_mesh({"data": 3, "fsdp": 2})
+  with pytest.raises(ValueError, match="unknown axes"):
+    shd.make_mesh({"model": 2})
+  one = shd.make_mesh({"data": 1}, jax.devices()[:1])
+  assert one.size == 1
+
+
+def test_rules_map_logical_names_once_per_array():
+  # batch claims data and fsdp, so embed stays replicated on an activation...
+  assert nn.logical_to_mesh_axes(("batch", "length", "embed"), shd.LOGICAL_RULES) == \
+      P(("data", "fsdp"), None, None)
+  # ... while a parameter's embed dimension is FSDP-sharded and its mlp dim tensor-sharded.
+  assert nn.logical_to_mesh_axes(("embed", "mlp"), shd.LOGICAL_RULES) == P("fsdp", "tensor")
+  assert nn.logical_to_mesh_axes(("vocab", "embed"), shd.LOGICAL_RULES) == P("tensor", "fsdp")
+  assert nn.logical_to_mesh_axes(("norm",), shd.LOGICAL_RULES) == P(None)
+  with pytest.raises(ValueError, match="unknown mesh axis"):
+    shd.get_rules([("embed", "model")])
+  assert shd.get_rules([["batch", ["data"]]]) == (("batch", ("data",)),)
+
+
+def test_fit_spec_drops_axes_that_do_not_divide():
+  mesh = shd.make_mesh({"data": 4, "fsdp": 2})
+  assert shd.fit_spec(P(("data", "fsdp")), (16, 3), mesh) == P(("data", "fsdp"), None)
+  assert shd.fit_spec(P(("data", "fsdp")), (4, 3), mesh) == P("data", None)
+  assert shd.fit_spec(P(("data", "fsdp")), (2, 3), mesh) == P(None, None)
+  assert shd.fit_spec(P("fsdp", None), (30524, 32), mesh) == P("fsdp", None)
+  assert shd.fit_spec(P(None, "fsdp"), (5, 7), mesh) == P(None, None)
+
+
+def test_batch_shardings():
+  mesh = shd.make_mesh({"data": 4, "fsdp": 2})
+  b = {"image": jax.ShapeDtypeStruct((16, 8, 8, 3), jnp.float32),
+       "label": jax.ShapeDtypeStruct((4,), jnp.int32), "t": jax.ShapeDtypeStruct((), jnp.int32)}
+  s = shd.batch_shardings(b, mesh)
+  assert s["image"].spec == P(("data", "fsdp"), None, None, None)
+  assert s["label"].spec == P("data")
+  assert s["t"].spec == P()
+
+
+def test_constraints_are_active_while_a_step_is_traced():
+  """`layers.constrain` becomes a sharding constraint under the step's context, a no-op without."""
+  mesh = shd.make_mesh({"data": 4, "fsdp": 2})
+  f = lambda x: layers.constrain(x * 2, ("batch", "length", "embed"))
+  x = jax.ShapeDtypeStruct((8, 4, 6), jnp.float32)
+  with_rules = jax.jit(steps._with_context(f, mesh, None)).lower(x).as_text()
+  without = jax.jit(f).lower(x).as_text()
+  assert "sharding_constraint" in with_rules or "@Sharding" in with_rules
+  assert "sharding_constraint" not in without and "@Sharding" not in without
+
+
+def _tiny_param_table() -> str:
+  cfg = ContextBlipConfig.for_variant("tiny")
+  model = ContextBlip(cfg)
+  boxed = jax.eval_shape(lambda r: init_params(model, r, "all"), jax.random.PRNGKey(0))
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sh = shd.describe(shd.param_shardings(boxed, mesh))
+  shapes = {k: v.shape for k, v in
+            __import__("flax").traverse_util.flatten_dict(nn.unbox(boxed), sep="/").items()}
+  lines = ["# tiny ContextBlip (stage 'all') on mesh data=2, fsdp=2, tensor=2: "
+           "path  shape  PartitionSpec"]
+  lines += [f"{k}  {tuple(shapes[k])}  {v}" for k, v in sh.items()]
+  return "\n".join(lines) + "\n"
+
+
+def test_golden_tiny_param_shardings():
+  table = _tiny_param_table()
+  if os.environ.get("REGENERATE_GOLDEN"):
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as f:
+      f.write(table)
+  with open(GOLDEN) as f:
+    golden = f.read()
+  if table != golden:
+    want, got = golden.splitlines(), table.splitlines()
+    diff = [f"- {l}" for l in want if l not in got] + [f"+ {l}" for l in got if l not in want]
+    raise AssertionError("parameter shardings differ from tests/golden/tiny_param_shardings.txt "
+                         "(REGENERATE_GOLDEN=1 to accept):\n" + "\n".join(diff[:40]))
+  # A few entries spelled out, so the table cannot silently become all-replicated.
+  assert "pretrained_blip/text_encoder/embeddings/word_embeddings/embedding  (30524, 32)  " \
+         "P('tensor', 'fsdp')" in table
+  assert "pretrained_blip/visual_encoder/blocks_0/mlp/fc1/kernel  (32, 64)  " \
+         "P('fsdp', 'tensor')" in table
