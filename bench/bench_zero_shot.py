@@ -41,7 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--devices", type=int, default=2,
                  help="forced host devices (XLA_FLAGS); JAX variants use 1 or all of them")
   p.add_argument("--variants", default="",
-                 help="comma list to run (default: all); see --list")
+                 help="comma list to run, or 'all' (default: the main variants); see --list")
   p.add_argument("--list", action="store_true", help="list the variants and exit")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--memory", action="store_true",
@@ -69,7 +69,8 @@ def main(argv=None):
   benches = [int(b) for b in args.bench.split(",") if b.strip()]
   if args.list:
     for b in benches:
-      print(f"benchmark {b}: " + ", ".join(zv.variant_names(b)))
+      print(f"benchmark {b}: " + ", ".join(zv.variant_names(b))
+            + f"   (default: {', '.join(zv.DEFAULTS[b])})")
     return 0
   if args.worker:
     return worker(args, benches[0])
@@ -92,10 +93,8 @@ def main(argv=None):
         print(f"  memory {n:<34s} peak {memory[n]['peak_rss_mib']:7.0f} MiB "
               f"(after weights {memory[n]['rss_loaded_mib']:7.0f} MiB)")
     ref = next((v.scores for v in variants if v.name == "torch_eager"), None)
-    unit, per_run = zv.units(b, ctx, args.groups)
-    print(f"\nbenchmark {b} ({per_run} {unit} per run, median of {args.rounds}; "
-          f"load {common.load_average()})")
-    table = common.print_table(variants, unit, per_run,
+    print(f"\nbenchmark {b} (median of {args.rounds} rounds; load {common.load_average()})")
+    table = common.print_table(variants, zv.UNITS[b],
                                {"eager": "torch_eager", "compile": "torch_compile"},
                                reference_scores=ref, memory=memory)
     for r in table:

@@ -146,6 +146,7 @@ class Variant:
   name: str
   prepare: Callable[[], tuple[Callable[[], Any], Any]]
   kind: str = "jax"               # 'torch' or 'jax' (for the table)
+  units: float = 1.0              # workload units (groups, descriptions) one run processes
   notes: str = ""
   run: Callable[[], Any] | None = None
   compile_s: float = float("nan")
@@ -157,6 +158,11 @@ class Variant:
   def median(self) -> float:
     return statistics.median(self.times) if self.times else float("nan")
 
+  @property
+  def rate(self) -> float:
+    """Units per second (median run)."""
+    return self.units / self.median
+
 
 def measure(variants: Sequence[Variant], rounds: int, log=print) -> None:
   """Prepares every variant (first-call cost = build + compile + one warm-up run), then runs
@@ -167,7 +173,7 @@ def measure(variants: Sequence[Variant], rounds: int, log=print) -> None:
     v.run, scores = v.prepare()
     v.scores = np.asarray(scores)
     v.compile_s = time.perf_counter() - t0
-    log(f"  prepared {v.name:<26s} first call {v.compile_s:7.1f} s   load {load_average()}")
+    log(f"  prepared {v.name:<22s} first call {v.compile_s:7.1f} s   load {load_average()}")
   for r in range(rounds):
     for v in variants:
       t0 = time.perf_counter()
@@ -177,35 +183,37 @@ def measure(variants: Sequence[Variant], rounds: int, log=print) -> None:
         + f"   load {load_average()}")
 
 
-def print_table(variants: Sequence[Variant], unit: str, units_per_run: float,
-                baselines: dict[str, str], reference_scores: np.ndarray | None = None,
+def print_table(variants: Sequence[Variant], unit: str, baselines: dict[str, str],
+                reference_scores: np.ndarray | None = None,
                 memory: dict[str, dict] | None = None, log=print) -> list[dict]:
-  """Prints one row per variant: median s/run, `unit`/s, ratio to each baseline, compile time,
-  memory, max |score - reference|. Returns the rows (for --json)."""
+  """Prints one row per variant: units per run, median s/run, `unit`/s, throughput ratio to
+  each baseline, first-call (compile) time, memory, max |score - reference| over the scores
+  both computed. Returns the rows (for --json)."""
   rows = []
   by_name = {v.name: v for v in variants}
-  hdr = (f"{'variant':<26s} {'median s':>9s} {unit + '/s':>10s} "
-         + " ".join(f"{'x ' + k:>10s}" for k in baselines)
+  hdr = (f"{'variant':<22s} {unit:>6s} {'median s':>9s} {unit + '/s':>9s} "
+         + " ".join(f"{'x ' + k:>9s}" for k in baselines)
          + f" {'first s':>8s} {'peak MiB':>9s} {'xla MiB':>8s} {'max|dscore|':>11s}")
   log(hdr)
   log("-" * len(hdr))
   for v in variants:
-    row = dict(variant=v.name, kind=v.kind, median_s=v.median, per_s=units_per_run / v.median,
+    row = dict(variant=v.name, kind=v.kind, units=v.units, median_s=v.median, rate=v.rate,
                first_call_s=v.compile_s, times=v.times, notes=v.notes, **v.extra)
     ratios = []
     for label, base in baselines.items():
       b = by_name.get(base)
-      ratio = b.median / v.median if b else float("nan")
+      ratio = v.rate / b.rate if b else float("nan")
       row[f"x_{label}"] = ratio
-      ratios.append(f"{ratio:>10.2f}")
+      ratios.append(f"{ratio:>9.2f}")
     mem = (memory or {}).get(v.name, {})
     row["peak_rss_mib"] = mem.get("peak_rss_mib", float("nan"))
     xla = v.extra.get("xla_bytes")
     diff = float("nan")
     if reference_scores is not None and v.scores is not None:
-      diff = float(np.max(np.abs(np.asarray(v.scores, np.float64) - reference_scores)))
+      n = min(len(reference_scores), len(v.scores))
+      diff = float(np.max(np.abs(np.asarray(v.scores[:n], np.float64) - reference_scores[:n])))
     row["max_abs_score_diff"] = diff
-    log(f"{v.name:<26s} {v.median:>9.2f} {units_per_run / v.median:>10.3f} " + " ".join(ratios)
+    log(f"{v.name:<22s} {v.units:>6g} {v.median:>9.2f} {v.rate:>9.3f} " + " ".join(ratios)
         + f" {v.compile_s:>8.1f} {row['peak_rss_mib']:>9.0f} "
         + f"{(xla / 2**20 if xla else float('nan')):>8.0f} {diff:>11.2e}")
     rows.append(row)

@@ -35,6 +35,7 @@ VARIANTS = {
         "jax_2dev": ("jax", dict(dev=2)),
         "jax_2dev_len": ("jax", dict(dev=2, bucket=True)),
         "jax_2dev_len_dpa": ("jax", dict(dev=2, bucket=True, dpa=True)),
+        "jax_2dev_len_heads": ("jax", dict(dev=2, bucket=True, heads=True)),
     },
     2: {
         "torch_eager": ("torch", {}),
@@ -47,12 +48,22 @@ VARIANTS = {
 }
 
 
+# What a plain run times (the ablations are available through --variants).
+DEFAULTS = {
+    1: ("torch_eager", "torch_compile", "jax_1dev", "jax_2dev", "jax_2dev_len"),
+    2: ("torch_eager", "torch_compile", "jax_per_desc", "jax_reuse_vision",
+        "jax_reuse_vision_kv"),
+}
+
+
 def variant_names(bench: int) -> list[str]:
   return list(VARIANTS[bench])
 
 
 def select(bench: int, wanted: str) -> list[str]:
-  names = [n.strip() for n in wanted.split(",") if n.strip()] or variant_names(bench)
+  if wanted == "all":
+    return variant_names(bench)
+  names = [n.strip() for n in wanted.split(",") if n.strip()] or list(DEFAULTS[bench])
   unknown = [n for n in names if n not in VARIANTS[bench]]
   if unknown:
     raise SystemExit(f"unknown variants for benchmark {bench}: {unknown}; "
@@ -64,10 +75,7 @@ def needs(name: str) -> set[str]:
   return {"torch"} if name.startswith("torch") else {"jax"}
 
 
-def units(bench: int, ctx: "Context", groups: int) -> tuple[str, int]:
-  if bench == 1:
-    return "groups", groups
-  return "descs", sum(BENCH2_PATTERN)
+UNITS = {1: "groups", 2: "descs"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +188,12 @@ def mesh_of(n_dev: int):
 def torch_variant(ctx: Context, bench: int, name: str, opts: dict) -> common.Variant:
   sets = ctx.bench1 if bench == 1 else ctx.bench2
 
+  # The reference recomputes everything per description, so its cost is the same for every
+  # description (10 images, T = 30): benchmark 2 times one description per run.
+  if bench == 2:
+    sets = [dataclasses.replace(sets[0], ids=sets[0].ids[:1], mask=sets[0].mask[:1])]
+  units = sum(s.ids.shape[0] for s in sets)
+
   def prepare():
     import torch
     model = ctx.torch_model()
@@ -201,7 +215,7 @@ def torch_variant(ctx: Context, bench: int, name: str, opts: dict) -> common.Var
           out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
       return np.concatenate(out)
     return run, run()
-  return common.Variant(name, prepare, kind="torch")
+  return common.Variant(name, prepare, kind="torch", units=units)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,17 +233,38 @@ def _dpa_attention(q, k, v, bias=None, *, dropout=None, dtype=None):
   return ctx, probs
 
 
+def _vit_attention_heads_major(self, x):
+  """vit.Attention.__call__ computing q/k/v straight into [3, B, H, N, Dh] (one einsum with the
+  fused kernel viewed as [D, 3, H, Dh]) and the output projection from [B, H, N, Dh]: no
+  strided q/k/v slices and no transposes around the attention matmuls."""
+  import jax
+  import jax.numpy as jnp
+  b, n, d = x.shape
+  heads = self.num_heads
+  kernel = self.qkv.variables["params"]["kernel"].reshape(d, 3, heads, -1)
+  bias = self.qkv.variables["params"]["bias"].reshape(3, 1, heads, 1, -1)
+  qkv = jnp.einsum("bnd,dthe->tbhne", x, kernel) + bias          # [3, B, H, N, Dh]
+  q, k, v = qkv[0], qkv[1], qkv[2]
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1)
+  ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)                  # [B, H, N, Dh]
+  wo = self.proj.variables["params"]["kernel"].reshape(heads, -1, d)
+  return jnp.einsum("bhqd,hde->bqe", ctx, wo) + self.proj.variables["params"]["bias"]
+
+
 @contextlib.contextmanager
-def attention_impl(dpa: bool):
-  """Swaps the model's attention function while a variant is traced (benchmark ablation)."""
-  from contextblip_jax.models import layers
-  original = layers.attention
+def attention_impl(dpa: bool = False, heads_major: bool = False):
+  """Swaps the model's attention code while a variant is traced (benchmark ablations)."""
+  from contextblip_jax.models import layers, vit
+  original, original_vit = layers.attention, vit.Attention.__call__
   if dpa:
     layers.attention = _dpa_attention
+  if heads_major:
+    vit.Attention.__call__ = _vit_attention_heads_major
   try:
     yield
   finally:
-    layers.attention = original
+    layers.attention, vit.Attention.__call__ = original, original_vit
 
 
 def bucket_length(mask: np.ndarray, bucket: bool) -> int:
@@ -311,14 +346,14 @@ def jax_variant(ctx: Context, bench: int, name: str, opts: dict) -> common.Varia
             out.append(text_tiled(params, vision(params, px), ids[j:j + 1], mask[j:j + 1]))
       return np.concatenate([np.asarray(o).reshape(-1) for o in out])
 
-    with attention_impl(opts.get("dpa", False)):
+    with attention_impl(opts.get("dpa", False), opts.get("heads", False)):
       first = run()
     px, ids, mask = inputs[0]
     fn, arg = (vision_kv, px) if reuse == "kv" else (vision, px)
     extra["xla_bytes"] = common.jax_memory_bytes(fn.lower(params, arg).compile())
     return run, first
-  v = common.Variant(name, prepare, kind="jax", extra=extra)
-  return v
+  return common.Variant(name, prepare, kind="jax", extra=extra,
+                        units=sum(s.ids.shape[0] for s in sets))
 
 
 def make_variant(ctx: Context, bench: int, name: str, groups: int = 2) -> common.Variant:

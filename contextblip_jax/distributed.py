@@ -302,6 +302,15 @@ def log_main(msg: str, *args) -> None:
     logging.info(msg, *args)
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any process (one tiny all-gather; free with
+  one process). E.g. a SIGTERM seen by some processes -> all stop at the same step."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))))
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:

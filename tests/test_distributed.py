@@ -158,3 +158,7 @@ def test_hybrid_mesh_single_process_is_ici_only():
   assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
   with pytest.raises(ValueError):
     dist.make_hybrid_mesh({"data": -1}, {"data": 2})   # one process = one granule
+
+
+def test_any_process_single():
+  assert dist.any_process(True) is True and dist.any_process(False) is False
