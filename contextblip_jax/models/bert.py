@@ -25,6 +25,17 @@ SELF_MASK_VALUE = -10000.0                       # med.py get_extended_attention
 CROSS_MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # HF invert_attention_mask
 
 
+def _dense_init(init: str, fan_in: int) -> dict:
+  """Initialisers of a Dense: 'bert' = HF `_init_weights` (N(0, 0.02), zero bias); 'torch' =
+  PyTorch's default `nn.Linear` (U(+-1/sqrt(fan_in)) for kernel and bias)."""
+  if init == "bert":
+    return {}
+  if init == "torch":
+    return dict(kernel_init=layers.torch_linear_init(),
+                bias_init=layers.torch_bias_init(fan_in))
+  raise ValueError(f"unknown Dense init {init!r}; expected 'bert' or 'torch'")
+
+
 @dataclasses.dataclass
 class TextOutput:
   """`last_hidden_state` [B, T, D]; `cross_attentions` one [B, H, T, N] float32 per layer
@@ -43,14 +54,16 @@ class BertAttention(nn.Module):
   kv_width: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  init: str = "bert"    # 'bert' (N(0, 0.02)) or 'torch' (default nn.Linear) Dense init
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.query = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
-    self.key = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
-    self.value = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw)
-    self.dense = layers.Dense(c.hidden_size, axes=("heads", "embed"), **kw)
+    h, kv = _dense_init(self.init, c.hidden_size), _dense_init(self.init, self.kv_width)
+    self.query = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw, **h)
+    self.key = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw, **kv)
+    self.value = layers.Dense(c.hidden_size, axes=("embed", "heads"), **kw, **kv)
+    self.dense = layers.Dense(c.hidden_size, axes=("heads", "embed"), **kw, **h)
     self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, **kw)
     self.attn_dropout = nn.Dropout(c.attention_dropout)
     self.out_dropout = nn.Dropout(c.hidden_dropout)
@@ -103,14 +116,17 @@ class BertLayer(nn.Module):
   has_cross_attention: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  init: str = "bert"    # 'bert' (N(0, 0.02)) or 'torch' (default nn.Linear) Dense init
 
   def setup(self):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.attention = BertAttention(c, c.hidden_size, **kw)
+    self.attention = BertAttention(c, c.hidden_size, init=self.init, **kw)
     if self.has_cross_attention:
-      self.crossattention = BertAttention(c, c.encoder_width, **kw)
-    self.intermediate = layers.Dense(c.intermediate_size, axes=("embed", "mlp"), **kw)
-    self.output = layers.Dense(c.hidden_size, axes=("mlp", "embed"), **kw)
+      self.crossattention = BertAttention(c, c.encoder_width, init=self.init, **kw)
+    self.intermediate = layers.Dense(c.intermediate_size, axes=("embed", "mlp"), **kw,
+                                     **_dense_init(self.init, c.hidden_size))
+    self.output = layers.Dense(c.hidden_size, axes=("mlp", "embed"), **kw,
+                               **_dense_init(self.init, c.intermediate_size))
     self.output_LayerNorm = layers.LayerNorm(c.layer_norm_eps, **kw)
     self.output_dropout = nn.Dropout(c.hidden_dropout)
 

@@ -1,0 +1,325 @@
+"""ContextBLIP (SPEC §3-6): BLIP + multi-scale adapter, TMIM decoder, fine-tuning heads.
+
+Parameters (top level, named as in the reference checkpoint):
+  pretrained_blip     Blip (ViT, text encoder, itm_head, vision_proj, text_proj)
+  vision_adapter      MultiScaleAdapter                  (only when `use_adapter`)
+  text_adapter        TextAdapter (TMIM)
+  visual_decoder      MaskDecoder, 4-layer BERT (TMIM)
+  decoder_pos_embed   Embed(P + 1, D), N(0, 1) (TMIM)
+  recon_head          Dense D -> p*p*3 (TMIM)
+  mask_embed          [D], N(0, 1) (TMIM)
+  prediction_layer    Dense D -> 1 (fine-tuning, stages 1 and 2)
+  context_encoder     ContextEncoder (fine-tuning stage 2)
+
+`init_params(model, rng, stage)` builds the tree of one stage (`PARAM_GROUPS`/`STAGE_GROUPS`).
+Every method takes `deterministic` explicitly and returns its intermediates (ViT taps,
+cross-attention probabilities) in the return value; the losses live in `objectives.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from contextblip_jax.models import layers
+from contextblip_jax.models.adapter import MultiScaleAdapter
+from contextblip_jax.models.bert import TextOutput
+from contextblip_jax.models.blip import Blip, l2_normalize
+from contextblip_jax.models.context_encoder import ContextEncoder
+from contextblip_jax.models.mask_decoder import (MaskDecoder, TextAdapter,
+                                                 assemble_decoder_input, gather_tokens)
+from contextblip_jax.models.variants import BlipConfig, TextConfig, get_variant
+from contextblip_jax.models.vit import VisionOutput
+
+MASK_TOKEN_CHOICES = ("reference", "valid_mean", "per_example")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextBlipConfig:
+  """Hashable configuration of the whole method (static under `jax.jit`)."""
+  blip: BlipConfig = BlipConfig()      # backbone sizes (models/variants.py)
+  use_adapter: bool = True             # False = plain BLIP embeddings (zero-shot BLIP)
+  adapter_taps: tuple[int, ...] = (3, 6, 9, 12)  # 1-based ViT blocks fed to the adapter
+  adapter_reduction: int = 2           # delta of the vision adapter (SPEC §10 item 1)
+  text_adapter_reduction: int = 2      # reduction of the TMIM text adapter
+  decoder_layers: int = 4              # TMIM decoder depth
+  decoder_heads: int = 8               # TMIM decoder heads (must divide the vision width)
+  mask_ratio: float = 0.25             # pi; M = int(pi * P) patches masked; 0 disables TMIM
+  mask_token_choice: str = "reference"  # 'reference' one t ~ U{0..T-1} shared by the batch |
+                                        # 'valid_mean' mean over valid non-special tokens |
+                                        # 'per_example' one valid non-special t per example
+  random_mask: bool = False            # True: uniform random mask instead of attention top-M
+  mask_noise: float = 0.02             # U(0, mask_noise) added to the normalised scores
+  reference_patch_layout: bool = False  # True: the released code's (c,ph,pw) patch scramble
+  context_layers: int = 2              # inter-context encoder depth
+  context_heads: int = 8               # inter-context encoder heads
+  num_candidates: int = 10             # K images per IMAGECODE set
+
+  def __post_init__(self):
+    v, t = self.blip.vision, self.blip.text
+    if self.use_adapter and (not self.adapter_taps or max(self.adapter_taps) > v.depth
+                             or min(self.adapter_taps) < 1):
+      raise ValueError(f"adapter_taps {self.adapter_taps} must lie in 1..{v.depth} (ViT depth)")
+    if v.width % self.decoder_heads or t.hidden_size % self.context_heads:
+      raise ValueError(f"decoder_heads {self.decoder_heads} must divide {v.width} and "
+                       f"context_heads {self.context_heads} must divide {t.hidden_size}")
+    if self.mask_token_choice not in MASK_TOKEN_CHOICES:
+      raise ValueError(f"mask_token_choice {self.mask_token_choice!r} not in {MASK_TOKEN_CHOICES}")
+    if not 0.0 <= self.mask_ratio < 1.0:
+      raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+    if v.width != t.encoder_width:
+      raise ValueError("the text encoder's encoder_width must equal the ViT width")
+    object.__setattr__(self, "adapter_taps", tuple(self.adapter_taps))
+
+  @property
+  def num_patches(self) -> int:
+    return self.blip.vision.num_patches
+
+  @property
+  def num_masked(self) -> int:
+    """M = int(mask_ratio * P) exactly as the reference (49 for 0.25 and 196 patches)."""
+    return int(self.mask_ratio * self.num_patches)
+
+  @property
+  def decoder_config(self) -> TextConfig:
+    t, v = self.blip.text, self.blip.vision
+    return dataclasses.replace(t, hidden_size=v.width, num_layers=self.decoder_layers,
+                               num_heads=self.decoder_heads, encoder_width=t.hidden_size,
+                               add_cross_attention=True)
+
+  @property
+  def context_config(self) -> TextConfig:
+    return dataclasses.replace(self.blip.text, num_layers=self.context_layers,
+                               num_heads=self.context_heads, add_cross_attention=False)
+
+  def replace(self, **kw) -> "ContextBlipConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["adapter_taps"] = list(self.adapter_taps)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ContextBlipConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(d) - known:
+      raise ValueError(f"Unknown ContextBlipConfig keys: {sorted(set(d) - known)}")
+    if "blip" in d:
+      d["blip"] = BlipConfig.from_dict(d["blip"])
+    if "adapter_taps" in d:
+      d["adapter_taps"] = tuple(d["adapter_taps"])
+    return cls(**d)
+
+  @classmethod
+  def for_variant(cls, name: str, image_size: int | None = None, **overrides):
+    """`B/16` = the paper's sizes; `tiny` taps every block and uses 4 decoder/context heads."""
+    blip = get_variant(name, image_size)
+    kw: dict[str, Any] = {}
+    if name == "tiny":
+      kw = dict(adapter_taps=tuple(range(1, blip.vision.depth + 1)), decoder_heads=4,
+                context_heads=4, decoder_layers=2)
+    kw.update(overrides)
+    return cls(blip=blip, **kw)
+
+
+def scramble_like_reference(patches: jax.Array, patch_size: int) -> jax.Array:
+  """The released code's layout bug (SPEC §4.6, §10 item 7), as a permutation of the inputs.
+
+  The reference views each (ph, pw, c)-flattened patch as (c, ph, pw) before the conv, so the
+  conv sees `v.reshape(3, p, p)`. Returned in the (ph, pw, c) order the ViT's kernel expects:
+  `embed(scramble(v)) == v @ W_conv.reshape(D, 3*p*p).T + b` (W_conv flattened (c, kh, kw)).
+  """
+  lead = patches.shape[:-1]
+  x = patches.reshape(lead + (3, patch_size, patch_size))
+  return jnp.moveaxis(x, -3, -1).reshape(lead + (3 * patch_size * patch_size,))
+
+
+class ContextBlip(nn.Module):
+  config: ContextBlipConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    v, t = c.blip.vision, c.blip.text
+    self.pretrained_blip = Blip(c.blip, **kw)
+    if c.use_adapter:
+      self.vision_adapter = MultiScaleAdapter(v.width, c.adapter_taps, c.adapter_reduction, **kw)
+    # --- TMIM (pre-training) ---
+    self.text_adapter = TextAdapter(t.hidden_size, c.text_adapter_reduction, **kw)
+    self.visual_decoder = MaskDecoder(c.decoder_config, **kw)
+    self.decoder_pos_embed = nn.Embed(
+        v.num_patches + 1, v.width,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                    (None, "embed")), **kw)
+    self.recon_head = layers.Dense(
+        v.patch_size * v.patch_size * 3, axes=("embed", None),
+        kernel_init=layers.torch_linear_init(), bias_init=layers.torch_bias_init(v.width), **kw)
+    # A setup() param is created eagerly: only when initialising or present (stage trees
+    # without the TMIM group apply without it).
+    if self.is_initializing() or self.has_variable("params", "mask_embed"):
+      self.mask_embed = self.param(
+          "mask_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)),
+          (v.width,), self.param_dtype)
+    # --- fine-tuning ---
+    self.prediction_layer = layers.Dense(
+        1, axes=("embed", None), kernel_init=layers.torch_linear_init(),
+        bias_init=layers.torch_bias_init(t.hidden_size), **kw)
+    self.context_encoder = ContextEncoder(c.context_config, c.num_candidates, **kw)
+
+  # ------------------------------------------------------------------ vision
+  def encode_image(self, pixels: jax.Array) -> VisionOutput:
+    """[B, S, S, 3] -> ViT VisionOutput (last_hidden_state [B, N, D] and all block taps)."""
+    return self.pretrained_blip.encode_image(pixels, return_taps=True)
+
+  def adapt(self, vision: VisionOutput) -> jax.Array:
+    """Adapter on a VisionOutput: LN_f(x_L) + Y -> [B, N, D] (identity without adapter)."""
+    if not self.config.use_adapter:
+      return vision.last_hidden_state
+    return self.vision_adapter(vision.last_hidden_state, vision.taps)
+
+  def image_embeds(self, pixels: jax.Array) -> jax.Array:
+    """Adapted image embeddings [B, N, D] (ViT with taps -> adapter)."""
+    return self.adapt(self.encode_image(pixels))
+
+  def patchify(self, pixels: jax.Array) -> jax.Array:
+    """[B, S, S, 3] -> [B, P, p*p*3] normalised pixels, (ph, pw, c) order (the TMIM target)."""
+    return self.pretrained_blip.visual_encoder.patchify(pixels)
+
+  def embed_visible(self, pixels: jax.Array, visible_idx: jax.Array) -> jax.Array:
+    """Tokens of the visible patches only: [CLS ; patches at visible_idx] -> [B, 1 + V, D].
+
+    Correct layout by default (each patch embedded exactly as the full ViT embeds it); with
+    `reference_patch_layout` the released code's pixel scramble (SPEC §4.6).
+    """
+    vit = self.pretrained_blip.visual_encoder
+    vis = gather_tokens(vit.patchify(pixels), visible_idx)            # [B, V, p*p*3]
+    if self.config.reference_patch_layout:
+      vis = scramble_like_reference(vis, self.config.blip.vision.patch_size)
+    return vit.embed_patches(vis, visible_idx)
+
+  def encode_visible(self, pixels: jax.Array, visible_idx: jax.Array) -> VisionOutput:
+    """MAE-style visible-only ViT pass with taps -> VisionOutput over [B, 1 + V, D]."""
+    tokens = self.embed_visible(pixels, visible_idx)
+    return self.pretrained_blip.visual_encoder.encode(tokens, return_taps=True)
+
+  # ------------------------------------------------------------------ text / ITM / ITC
+  def multimodal(self, input_ids, attention_mask, image_embeds, deterministic: bool = True,
+                 return_cross_attentions: bool = False) -> TextOutput:
+    """[ENC]-first multimodal text encoder -> TextOutput (states [B, T, Dt], cross-attn)."""
+    return self.pretrained_blip.multimodal(input_ids, attention_mask, image_embeds,
+                                           deterministic=deterministic,
+                                           return_cross_attentions=return_cross_attentions)
+
+  def itm_logits(self, states: jax.Array) -> jax.Array:
+    """ITM logits [B, 2] (index 1 = match) from multimodal states [B, T, Dt]."""
+    return self.pretrained_blip.itm_from_states(states)
+
+  def itc_image_features(self, image_embeds: jax.Array) -> jax.Array:
+    """normalize(vision_proj(image_embeds[:, 0])) -> [B, E] float32."""
+    return self.pretrained_blip.image_features(image_embeds)
+
+  def itc_text_features(self, input_ids, attention_mask, deterministic: bool = True):
+    """normalize(text_proj(text encoder, mode='text', [CLS] ids)[:, 0]) -> [B, E] float32."""
+    return self.pretrained_blip.text_features(input_ids, attention_mask, deterministic)
+
+  # ------------------------------------------------------------------ TMIM
+  def reconstruct(self, visible_embeds, text_states, text_mask, visible_idx, masked_idx,
+                  deterministic: bool = True) -> jax.Array:
+    """Decoder prediction of the masked patches.
+
+    Args:
+      visible_embeds: [B, 1 + V, D] adapter output of the visible-only pass (CLS first).
+      text_states: [B, T, Dt] positive ITM states H (the decoder reads H + TextAdapter(H)).
+      text_mask: [B, T]; visible_idx [B, V], masked_idx [B, M] 0-based patch indices.
+    Returns:
+      [B, M, p*p*3] predicted normalised pixels, (ph, pw, c) order.
+    """
+    text = text_states + self.text_adapter(text_states)
+    masked = self.mask_embed.astype(self.dtype) + self.decoder_pos_embed(masked_idx)
+    tokens = assemble_decoder_input(visible_embeds[:, 0], visible_embeds[:, 1:], masked,
+                                    visible_idx, masked_idx)            # [B, 1 + P, D]
+    out = self.visual_decoder(tokens, text, text_mask, deterministic).last_hidden_state
+    return self.recon_head(gather_tokens(out, 1 + masked_idx))
+
+  # ------------------------------------------------------------------ fine-tuning heads
+  def stage1_logits(self, feat: jax.Array) -> jax.Array:
+    """feat [G, K, Dt] (L2-normalised [ENC] states) -> logits [G, K] float32."""
+    return self.prediction_layer(feat)[..., 0].astype(jnp.float32)
+
+  def stage2_logits(self, feat: jax.Array, is_video: jax.Array,
+                    deterministic: bool = True) -> jax.Array:
+    """feat [G, K, Dt]; is_video [G] -> context encoder -> + feat -> head -> [G, K] float32."""
+    x = self.context_encoder(feat, is_video, deterministic)
+    return self.prediction_layer(x)[..., 0].astype(jnp.float32)
+
+  # ------------------------------------------------------------------ init
+  def __call__(self, pixels, input_ids, attention_mask, deterministic: bool = True):
+    """Touches every parameter once (used by `init_params`); returns a dict of outputs.
+
+    The cheapest graph that reaches every parameter: one ViT pass, one unimodal and one
+    multimodal text pass, the decoder on (a prefix of) the adapted tokens, both heads.
+    """
+    c = self.config
+    vision = self.encode_image(pixels)
+    embeds = self.adapt(vision)
+    sim = self.itc_image_features(vision.last_hidden_state) @ self.itc_text_features(
+        input_ids, attention_mask, deterministic).T
+    states = self.multimodal(input_ids, attention_mask, embeds, deterministic).last_hidden_state
+    b, p = pixels.shape[0], c.num_patches
+    order = jnp.broadcast_to(jnp.arange(p), (b, p))
+    m = max(1, p // 4)
+    recon = self.reconstruct(embeds[:, :1 + p - m], states, attention_mask, order[:, m:],
+                             order[:, :m], deterministic)
+    feat = jnp.broadcast_to(l2_normalize(states[:, 0])[:, None],
+                            (b, c.num_candidates, states.shape[-1]))
+    return dict(itc_sim=sim, itm=self.itm_logits(states), recon=recon,
+                stage1=self.stage1_logits(feat),
+                stage2=self.stage2_logits(feat, jnp.ones((b,)), deterministic))
+
+
+# Top-level parameter groups, and which groups each stage's tree holds.
+PARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    "blip": ("pretrained_blip",),
+    "adapter": ("vision_adapter",),
+    "tmim": ("text_adapter", "visual_decoder", "decoder_pos_embed", "recon_head", "mask_embed"),
+    "head": ("prediction_layer",),
+    "context": ("context_encoder",),
+}
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "backbone": ("blip",),                       # BLIP from scratch (objectives.backbone_loss)
+    "pretrain": ("blip", "adapter", "tmim"),     # tmim left out when mask_ratio == 0
+    "zero_shot": ("blip", "adapter"),
+    "finetune": ("blip", "adapter", "head", "context"),   # stages 1 and 2
+    "all": tuple(PARAM_GROUPS),
+}
+
+
+def stage_param_names(config: ContextBlipConfig, stage: str) -> tuple[str, ...]:
+  """Top-level parameter names of a stage's tree."""
+  if stage not in STAGE_GROUPS:
+    raise ValueError(f"unknown stage {stage!r}; known: {sorted(STAGE_GROUPS)}")
+  groups = [g for g in STAGE_GROUPS[stage]
+            if not (g == "tmim" and stage == "pretrain" and config.num_masked == 0)
+            and not (g == "adapter" and not config.use_adapter)]
+  return tuple(n for g in groups for n in PARAM_GROUPS[g])
+
+
+def init_params(model: ContextBlip, rng: jax.Array, stage: str = "all",
+                batch_size: int = 1, text_length: int = 8) -> dict[str, Any]:
+  """Boxed (nn.Partitioned) parameter tree of one stage, e.g. under `jax.eval_shape`.
+
+  Unused groups are dropped from the full init; under `jit` XLA never computes them.
+  """
+  names = stage_param_names(model.config, stage)
+  s = model.config.blip.vision.image_size
+  pixels = jnp.zeros((batch_size, s, s, 3), jnp.float32)
+  ids = jnp.ones((batch_size, text_length), jnp.int32)
+  params = model.init(rng, pixels, ids, ids)["params"]
+  return {k: params[k] for k in names if k in params}

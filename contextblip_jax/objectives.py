@@ -1,0 +1,289 @@
+"""Per-stage loss functions of ContextBLIP and the evaluation scores (SPEC §4-7).
+
+Every loss has the one signature the training machinery calls:
+
+  loss, metrics = loss_fn(params, batch, rng, *, model, cfg, train)
+
+  params   full unboxed ContextBlip parameter tree (or one stage's, `init_params(stage=...)`)
+  batch    dict of arrays (formats below)
+  rng      PRNG key; split inside by name (dropout of each forward, negatives, mask)
+  model    a `ContextBlip` module (its `config` holds the method options)
+  cfg      `ObjectiveConfig` (or None / a mapping of its fields)
+  train    Python bool: dropout on; dropout of *frozen* modules too iff `cfg.frozen_dropout`
+  metrics  dict of float32 scalars
+
+Losses:
+  backbone_loss         BLIP from scratch: ITC + ITM with hard negatives.
+                        batch {"image" [B,S,S,3] f32, "input_ids" [B,T] i32 [CLS]-first,
+                        "attention_mask" [B,T]}
+  pretrain_loss         ContextBLIP pre-training: L_itm + L_tmim (SPEC §5.7 order); same batch.
+  finetune_stage1_loss  CE over the K candidates, SUM over the G examples (SPEC §6.2).
+  finetune_stage2_loss  inter-context encoder on frozen stage-1 features, SUM over G (§6.3).
+                        batch {"images" [G,K,S,S,3], "input_ids" [G,T], "attention_mask" [G,T],
+                        "label" [G] i32, "is_video" [G] bool}
+Evaluation: `encode_candidates` (vision once per image set) + `score_with_embeds`, or
+`zero_shot_scores` / `finetune_scores` in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from contextblip_jax import losses
+from contextblip_jax.masking import select_masked_patches
+from contextblip_jax.models.blip import l2_normalize
+from contextblip_jax.models.contextblip import ContextBlip
+from contextblip_jax.models.mask_decoder import gather_tokens
+
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Options of the losses that are not part of the model."""
+  frozen_dropout: bool = True   # dropout in frozen modules active when train (SPEC §10 item 16)
+  itc_temperature: float = 0.07  # backbone_loss: ITC temperature, also divides the sampling sims
+  negatives_group_size: int | None = None  # hard negatives drawn within groups of this many
+                                           # rows (the per-device batch); None = global batch
+
+
+def as_objective_config(cfg: Any) -> ObjectiveConfig:
+  """None -> defaults; ObjectiveConfig -> itself; a mapping (dict/ConfigDict) of its fields."""
+  if cfg is None:
+    return ObjectiveConfig()
+  if isinstance(cfg, ObjectiveConfig):
+    return cfg
+  if isinstance(cfg, Mapping) or hasattr(cfg, "to_dict"):
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    if set(d) - known:
+      raise ValueError(f"unknown objective options {sorted(set(d) - known)}; known {sorted(known)}")
+    return ObjectiveConfig(**d)
+  raise TypeError(f"cfg must be None, ObjectiveConfig or a mapping, got {type(cfg).__name__}")
+
+
+def fold(rng: jax.Array, name: str) -> jax.Array:
+  """A named sub-key: fold_in(rng, crc32(name))."""
+  return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _apply(model: ContextBlip, params, method: Callable, *args, rng=None, **kw):
+  rngs = None if rng is None else {"dropout": rng}
+  return model.apply({"params": params}, *args, method=method, rngs=rngs, **kw)
+
+
+def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...], fn: str):
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise KeyError(f"{fn}: batch lacks {missing}; has {sorted(batch)}")
+
+
+# ------------------------------------------------------------------ ITM with hard negatives
+def itm_with_hard_negatives(params, model, input_ids, attention_mask, image_embeds, sim_i2t,
+                            key, *, group_size=None, deterministic=True, rng=None,
+                            return_cross_attentions=False):
+  """Positive, negative-image and negative-text ITM forwards (SPEC §5.3-5.4).
+
+  sim_i2t [B, B] (image rows, text columns) gives the sampling weights (softmax per row, no
+  further temperature). Returns (logits [3B, 2] in pos / neg-image / neg-text order, positive
+  TextOutput with its cross-attentions when asked).
+  """
+  pos = _apply(model, params, ContextBlip.multimodal, input_ids, attention_mask, image_embeds,
+               deterministic, return_cross_attentions, rng=None if rng is None
+               else fold(rng, "itm_pos"))
+  neg_img = losses.sample_hard_negatives(fold(key, "t2i"), sim_i2t.T, group_size)   # per text
+  neg_txt = losses.sample_hard_negatives(fold(key, "i2t"), sim_i2t, group_size)     # per image
+  ids_all = jnp.concatenate([input_ids, input_ids[neg_txt]], axis=0)            # [2B, T]
+  mask_all = jnp.concatenate([attention_mask, attention_mask[neg_txt]], axis=0)
+  embeds_all = jnp.concatenate([image_embeds[neg_img], image_embeds], axis=0)   # [2B, N, D]
+  neg = _apply(model, params, ContextBlip.multimodal, ids_all, mask_all, embeds_all,
+               deterministic, rng=None if rng is None else fold(rng, "itm_neg"))
+  states = jnp.concatenate([pos.last_hidden_state[:, :1], neg.last_hidden_state[:, :1]], 0)
+  return _apply(model, params, ContextBlip.itm_logits, states), pos
+
+
+def _itm_metrics(logits) -> Metrics:
+  return {"itm_accuracy": losses.accuracy(logits, losses.itm_labels(logits.shape[0] // 3))}
+
+
+# ------------------------------------------------------------------ (a) BLIP backbone
+def backbone_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bool = True):
+  """BLIP-style training of the backbone: L = L_itc + L_itm (hard negatives from ITC / temp).
+
+  Everything trains (no stop_gradient except on the sampling weights); the adapter is not used.
+  """
+  cfg = as_objective_config(cfg)
+  _check_batch(batch, ("image", "input_ids", "attention_mask"), "backbone_loss")
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  det, drop = not train, fold(rng, "dropout")
+  embeds = _apply(model, params, ContextBlip.encode_image, batch["image"]).last_hidden_state
+  image_feat = _apply(model, params, ContextBlip.itc_image_features, embeds)
+  text_feat = _apply(model, params, ContextBlip.itc_text_features, ids, mask, det,
+                     rng=fold(drop, "itc_text"))
+  l_itc, sim = losses.itc_loss(image_feat, text_feat, cfg.itc_temperature)
+  logits, _ = itm_with_hard_negatives(params, model, ids, mask, embeds, sim,
+                                      fold(rng, "negatives"),
+                                      group_size=cfg.negatives_group_size, deterministic=det,
+                                      rng=drop)
+  l_itm = losses.itm_loss(logits)
+  loss = l_itc + l_itm
+  return loss, {"loss": loss, "itc_loss": l_itc, "itm_loss": l_itm, **_itm_metrics(logits)}
+
+
+# ------------------------------------------------------------------ (b) ContextBLIP pre-training
+def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bool = True):
+  """L = L_itm + L_tmim in the reference order (SPEC §5.7); mask_ratio 0 gives ITM only.
+
+  The frozen ViT passes and the ITC sampling features are computed under stop_gradient (the
+  reference's no_grad); the gradient reaches the adapter through the frozen text encoder.
+  """
+  cfg, c = as_objective_config(cfg), model.config
+  _check_batch(batch, ("image", "input_ids", "attention_mask"), "pretrain_loss")
+  pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+  frozen_det = not (train and cfg.frozen_dropout)
+  drop = fold(rng, "dropout")
+  # 1. frozen ViT with taps, frozen ITC features (no temperature).
+  vision = jax.lax.stop_gradient(_apply(model, params, ContextBlip.encode_image, pixels))
+  image_feat = _apply(model, params, ContextBlip.itc_image_features, vision.last_hidden_state)
+  text_feat = _apply(model, params, ContextBlip.itc_text_features, ids, mask, frozen_det,
+                     rng=fold(drop, "itc_text"))
+  sim_i2t = jax.lax.stop_gradient(image_feat @ text_feat.T)                 # [B, B]
+  # 2. adapter.  3-4. positive ITM (with attentions), negatives, L_itm.
+  embeds = _apply(model, params, ContextBlip.adapt, vision)
+  logits, pos = itm_with_hard_negatives(
+      params, model, ids, mask, embeds, sim_i2t, fold(rng, "negatives"),
+      group_size=cfg.negatives_group_size, deterministic=frozen_det, rng=drop,
+      return_cross_attentions=True)
+  l_itm = losses.itm_loss(logits)
+  metrics = {"itm_loss": l_itm, **_itm_metrics(logits)}
+  loss = l_itm
+  if c.num_masked > 0:
+    # 5. mask from the attentions.  6. visible-only ViT pass, adapter, decoder, L_tmim.
+    masked_idx, visible_idx = select_masked_patches(
+        pos.cross_attentions, mask, fold(rng, "mask"), mask_ratio=c.mask_ratio,
+        token_choice=c.mask_token_choice, random_mask=c.random_mask, noise=c.mask_noise)
+    visible = jax.lax.stop_gradient(
+        _apply(model, params, ContextBlip.encode_visible, pixels, visible_idx))
+    enc = _apply(model, params, ContextBlip.adapt, visible)
+    pred = _apply(model, params, ContextBlip.reconstruct, enc, pos.last_hidden_state, mask,
+                  visible_idx, masked_idx, not train, rng=fold(drop, "decoder"))
+    target = gather_tokens(_apply(model, params, ContextBlip.patchify, pixels), masked_idx)
+    l_tmim = losses.mse_loss(pred, target)
+    metrics["tmim_loss"] = l_tmim
+    loss = loss + l_tmim
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+# ------------------------------------------------------------------ candidates (fine-tune / eval)
+def encode_candidates(params, images, *, model: ContextBlip):
+  """images [G, K, S, S, 3] -> adapted image embeddings [G, K, N, D] (vision part only)."""
+  g, k = images.shape[:2]
+  embeds = _apply(model, params, ContextBlip.image_embeds, images.reshape((g * k,) +
+                                                                          images.shape[2:]))
+  return embeds.reshape((g, k) + embeds.shape[1:])
+
+
+def candidate_states(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
+                     deterministic: bool = True, rng=None):
+  """embeds [G, K, N, D]; one text per set [G, T] tiled K times -> [ENC] states [G, K, Dt]."""
+  g, k = embeds.shape[:2]
+  ids = jnp.repeat(input_ids, k, axis=0)                                 # [G*K, T]
+  mask = jnp.repeat(attention_mask, k, axis=0)
+  out = _apply(model, params, ContextBlip.multimodal, ids, mask,
+               embeds.reshape((g * k,) + embeds.shape[2:]), deterministic, rng=rng)
+  return out.last_hidden_state[:, 0].reshape(g, k, -1)
+
+
+def score_with_embeds(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
+                      head: str = "zero_shot", is_video=None):
+  """Evaluation scores [G, K] from precomputed `encode_candidates` embeddings.
+
+  head 'zero_shot': ITM softmax[:, 1] (unnormalised [ENC] state); 'stage1' / 'stage2': the
+  fine-tuned logits (stage2 needs is_video [G]). argmax over K is the prediction.
+  """
+  enc = candidate_states(params, embeds, input_ids, attention_mask, model=model)
+  if head == "zero_shot":
+    logits = _apply(model, params, ContextBlip.itm_logits, enc.reshape(-1, 1, enc.shape[-1]))
+    return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(enc.shape[:2])
+  feat = l2_normalize(enc)
+  if head == "stage1":
+    return _apply(model, params, ContextBlip.stage1_logits, feat)
+  if head == "stage2":
+    if is_video is None:
+      raise ValueError("head='stage2' needs is_video [G]")
+    return _apply(model, params, ContextBlip.stage2_logits, feat, is_video)
+  raise ValueError(f"unknown head {head!r}; expected 'zero_shot', 'stage1' or 'stage2'")
+
+
+def zero_shot_scores(params, images, input_ids, attention_mask, *, model: ContextBlip):
+  """images [G, K, S, S, 3], ids/mask [G, T] -> ITM match probabilities [G, K]."""
+  embeds = encode_candidates(params, images, model=model)
+  return score_with_embeds(params, embeds, input_ids, attention_mask, model=model)
+
+
+def finetune_scores(params, images, input_ids, attention_mask, is_video=None, *,
+                    model: ContextBlip, stage: int = 1):
+  """Stage-1 or stage-2 logits [G, K] in evaluation mode."""
+  embeds = encode_candidates(params, images, model=model)
+  return score_with_embeds(params, embeds, input_ids, attention_mask, model=model,
+                           head=f"stage{stage}", is_video=is_video)
+
+
+# ------------------------------------------------------------------ (c) fine-tuning
+_FINETUNE_KEYS = ("images", "input_ids", "attention_mask", "label", "is_video")
+
+
+def _candidate_features(params, batch, *, model, deterministic, rng):
+  """L2-normalised [ENC] features [G, K, Dt] of the adapted multimodal forward (SPEC §6.1)."""
+  embeds = encode_candidates(params, batch["images"], model=model)
+  enc = candidate_states(params, embeds, batch["input_ids"], batch["attention_mask"],
+                         model=model, deterministic=deterministic, rng=rng)
+  return l2_normalize(enc)
+
+
+def _candidate_loss(logits, labels):
+  per_example = losses.candidate_cross_entropy(logits, labels)            # [G]
+  hits = losses.correct(logits, labels)
+  loss = jnp.sum(per_example)
+  return loss, {"loss": loss, "loss_mean": jnp.mean(per_example), "accuracy": jnp.mean(hits),
+                "correct": jnp.sum(hits), "num_examples": jnp.float32(labels.shape[0])}
+
+
+def finetune_stage1_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
+                         train: bool = True):
+  """Stage 1: prediction_layer on the features -> CE over K; everything trains (SPEC §6.2)."""
+  as_objective_config(cfg)
+  _check_batch(batch, _FINETUNE_KEYS, "finetune_stage1_loss")
+  feat = _candidate_features(params, batch, model=model, deterministic=not train,
+                             rng=fold(rng, "dropout"))
+  logits = _apply(model, params, ContextBlip.stage1_logits, feat)
+  return _candidate_loss(logits, batch["label"])
+
+
+def finetune_stage2_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
+                         train: bool = True):
+  """Stage 2: frozen stage-1 features (stop_gradient; dropout on iff train and
+  frozen_dropout) + positions * is_video -> context encoder -> + feat -> stage-1 head."""
+  cfg = as_objective_config(cfg)
+  _check_batch(batch, _FINETUNE_KEYS, "finetune_stage2_loss")
+  drop = fold(rng, "dropout")
+  feat = jax.lax.stop_gradient(_candidate_features(
+      params, batch, model=model, deterministic=not (train and cfg.frozen_dropout),
+      rng=fold(drop, "stage1")))
+  logits = _apply(model, params, ContextBlip.stage2_logits, feat, batch["is_video"],
+                  not train, rng=fold(drop, "context"))
+  return _candidate_loss(logits, batch["label"])
+
+
+LOSSES = {
+    "backbone": backbone_loss,
+    "pretrain": pretrain_loss,
+    "finetune_stage1": finetune_stage1_loss,
+    "finetune_stage2": finetune_stage2_loss,
+}

@@ -1,0 +1,178 @@
+"""Per-stage objectives (contextblip_jax/objectives.py) on a small config: finite losses, the
+gradient reaches what trains and not what the reference runs under no_grad, eval scores."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contextblip_jax import objectives as O
+from contextblip_jax.models.blip import Blip
+from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
+from contextblip_jax.models.variants import get_variant
+
+B, T, G, K = 4, 8, 2, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """XLA optimisations off for this module: compile time dominates these small graphs."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _config(**kw):
+  b = get_variant("tiny", 24)                                   # 3 x 3 patches of 8 px
+  b = b.replace(vision=dataclasses.replace(b.vision, depth=2),
+                text=dataclasses.replace(b.text, num_layers=1))
+  return ContextBlipConfig(blip=b, adapter_taps=(1, 2), decoder_layers=1, decoder_heads=4,
+                           context_layers=1, context_heads=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  c = _config()
+  m = ContextBlip(c)
+  params = nn.unbox(jax.jit(lambda k: init_params(m, k, "all"))(jax.random.key(0)))
+  s = c.blip.vision.image_size
+  ids = np.zeros((B, T), np.int32)
+  for i, n in enumerate([3, 4, 5, 6]):
+    ids[i, :n + 2] = [101] + list(range(2000 + i, 2000 + i + n)) + [102]
+  ids = jnp.asarray(ids)
+  mask = (ids > 0).astype(jnp.int32)
+  pre = {"image": jax.random.normal(jax.random.key(1), (B, s, s, 3)), "input_ids": ids,
+         "attention_mask": mask}
+  fine = {"images": jax.random.normal(jax.random.key(2), (G, K, s, s, 3)),
+          "input_ids": ids[:G], "attention_mask": mask[:G], "label": jnp.array([3, 7]),
+          "is_video": jnp.array([True, False])}
+  return m, params, pre, fine
+
+
+def _value_and_grad(loss_fn, model, params, batch, wrt, cfg=None, train=True):
+  """jit(value_and_grad) w.r.t. the top-level groups `wrt`, the rest closed over."""
+  rest = {k: v for k, v in params.items() if k not in wrt}
+
+  def f(trainable, rng):
+    return loss_fn({**rest, **trainable}, batch, rng, model=model, cfg=cfg, train=train)
+
+  return jax.jit(jax.value_and_grad(f, has_aux=True)), {k: params[k] for k in wrt}
+
+
+def _norm(tree):
+  return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_backbone_loss(setup):
+  m, params, pre, _ = setup
+  f, tr = _value_and_grad(O.backbone_loss, m, params, pre, ["pretrained_blip"],
+                          cfg={"negatives_group_size": 2})
+  (loss, metrics), g = f(tr, jax.random.key(3, impl="rbg"))
+  assert np.isfinite(loss) and set(metrics) == {"loss", "itc_loss", "itm_loss", "itm_accuracy"}
+  np.testing.assert_allclose(loss, metrics["itc_loss"] + metrics["itm_loss"], rtol=1e-6)
+  blip = g["pretrained_blip"]
+  for name in ("visual_encoder", "text_encoder", "itm_head", "vision_proj", "text_proj"):
+    assert _norm(blip[name]) > 0, name                           # the whole backbone trains
+
+
+def test_pretrain_loss(setup):
+  m, params, pre, _ = setup
+  wrt = ["pretrained_blip", "vision_adapter", "text_adapter", "visual_decoder",
+         "decoder_pos_embed", "recon_head", "mask_embed"]
+  f, tr = _value_and_grad(O.pretrain_loss, m, params, pre, wrt)
+  rng = jax.random.key(4, impl="rbg")
+  (loss, metrics), g = f(tr, rng)
+  assert np.isfinite(loss) and set(metrics) == {"loss", "itm_loss", "tmim_loss",
+                                                "itm_accuracy"}
+  np.testing.assert_allclose(loss, metrics["itm_loss"] + metrics["tmim_loss"], rtol=1e-6)
+  for name in wrt[1:]:
+    assert _norm(g[name]) > 0, name                              # every trainable group learns
+  blip = g["pretrained_blip"]
+  # The frozen ViT and the ITC sampling features run under stop_gradient (reference no_grad);
+  # the gradient reaches the adapter *through* the frozen text encoder.
+  for name in ("visual_encoder", "vision_proj", "text_proj"):
+    assert _norm(blip[name]) == 0.0, name
+  assert _norm(blip["text_encoder"]) > 0 and _norm(blip["itm_head"]) > 0
+  # Same key, same loss; another key changes negatives, mask and dropout.
+  assert float(f(tr, rng)[0][0]) == float(loss)
+  assert float(f(tr, jax.random.key(5, impl="rbg"))[0][0]) != float(loss)
+
+
+def test_pretrain_without_tmim_is_itm_only(setup):
+  _, params, pre, _ = setup
+  m0 = ContextBlip(_config(mask_ratio=0.0))
+  _, metrics = jax.eval_shape(lambda p: O.pretrain_loss(p, pre, jax.random.key(0), model=m0,
+                                                        cfg=None, train=True), params)
+  assert set(metrics) == {"loss", "itm_loss", "itm_accuracy"}
+
+
+def test_finetune_stage1_loss(setup):
+  m, params, _, fine = setup
+  wrt = ["pretrained_blip", "vision_adapter", "prediction_layer"]
+  f, tr = _value_and_grad(O.finetune_stage1_loss, m, params, fine, wrt)
+  (loss, metrics), g = f(tr, jax.random.key(6))
+  assert np.isfinite(loss)
+  np.testing.assert_allclose(loss, metrics["loss_mean"] * G, rtol=1e-6)    # SUM over examples
+  assert float(metrics["num_examples"]) == G
+  np.testing.assert_allclose(metrics["accuracy"], metrics["correct"] / G)
+  # Everything trains in stage 1, the ViT included (no stop_gradient).
+  assert _norm(g["pretrained_blip"]["visual_encoder"]) > 0
+  assert _norm(g["pretrained_blip"]["text_encoder"]) > 0
+  assert _norm(g["vision_adapter"]) > 0 and _norm(g["prediction_layer"]) > 0
+  # Evaluation mode: the loss is the summed CE of the stage-1 scores.
+  ev, _ = jax.jit(lambda p: O.finetune_stage1_loss(p, fine, jax.random.key(0), model=m,
+                                                   train=False))(params)
+  logits = np.asarray(jax.jit(lambda p: O.finetune_scores(
+      p, fine["images"], fine["input_ids"], fine["attention_mask"], model=m, stage=1))(params))
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(ev, -logp[np.arange(G), np.asarray(fine["label"])].sum(),
+                             rtol=1e-5)
+
+
+def test_finetune_stage2_loss_trains_only_the_context_encoder(setup):
+  m, params, _, fine = setup
+  wrt = ["pretrained_blip", "vision_adapter", "prediction_layer", "context_encoder"]
+  f, tr = _value_and_grad(O.finetune_stage2_loss, m, params, fine, wrt)
+  (loss, metrics), g = f(tr, jax.random.key(7))
+  assert np.isfinite(loss) and set(metrics) >= {"loss", "loss_mean", "accuracy"}
+  assert _norm(g["pretrained_blip"]) == 0.0 and _norm(g["vision_adapter"]) == 0.0
+  assert _norm(g["context_encoder"]["transformer_0"]) > 0
+  assert _norm(g["context_encoder"]["positional_emb"]) > 0      # example 0 is a video set
+  assert _norm(g["prediction_layer"]) > 0                       # frozen by the optimizer only
+
+
+def test_zero_shot_scores_and_reusable_vision(setup):
+  m, params, _, fine = setup
+  enc = jax.jit(lambda p, x: O.encode_candidates(p, x, model=m))
+  score = jax.jit(lambda p, e, i, a: O.score_with_embeds(p, e, i, a, model=m))
+  embeds = enc(params, fine["images"][:1])                      # one image set, vision once
+  ids, mask = fine["input_ids"], fine["attention_mask"]
+  two = score(params, jnp.concatenate([embeds, embeds]), ids, mask)   # two descriptions
+  assert two.shape == (2, K) and bool(jnp.all((two > 0) & (two < 1)))
+  assert not np.allclose(two[0], two[1])
+  # Equal to ITM softmax[:, 1] of BLIP on the adapted embeddings, pair by pair.
+  blip = Blip(m.config.blip)
+  itm = jax.jit(lambda p, i, a, e: blip.apply({"params": p}, jnp.repeat(i, K, 0),
+                                              jnp.repeat(a, K, 0), e, method=Blip.itm))
+  logits = itm(params["pretrained_blip"], ids[1:], mask[1:], embeds[0])
+  np.testing.assert_allclose(two[1], jax.nn.softmax(logits)[:, 1], rtol=1e-5, atol=1e-6)
+  # Without the adapter the scores are plain BLIP's.
+  plain = ContextBlip(_config(use_adapter=False))
+  zs = jax.jit(lambda p: O.zero_shot_scores(p, fine["images"][:1], ids[:1], mask[:1],
+                                            model=plain))(params)
+  vit = jax.jit(lambda p, x: blip.apply({"params": p}, x, method=Blip.encode_image))(
+      params["pretrained_blip"], fine["images"][0]).last_hidden_state
+  ref = itm(params["pretrained_blip"], ids[:1], mask[:1], vit)
+  np.testing.assert_allclose(zs[0], jax.nn.softmax(ref)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_batch_and_cfg_raise(setup):
+  m, params, pre, _ = setup
+  with pytest.raises(KeyError, match="images"):
+    O.finetune_stage1_loss(params, pre, jax.random.key(0), model=m, train=False)
+  with pytest.raises(ValueError, match="unknown objective options"):
+    O.pretrain_loss(params, pre, jax.random.key(0), model=m, cfg={"temp": 0.1})
