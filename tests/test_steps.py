@@ -80,25 +80,28 @@ def _host(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def _unit_scale(blip_params):
-  """Dense kernels rescaled to std 1/sqrt(fan_in). A random BLIP at BERT's 0.02 init is almost
-  blind to its image input (cross-attention adds ~1e-3 of the residual), so a *frozen* random
-  BLIP gives the adapter (pretraining) and the context encoder (stage 2) nothing to learn."""
-  flat = traverse_util.flatten_dict(blip_params)
-  for k, v in flat.items():
-    if k[-1] == "kernel" and v.ndim == 2:
-      flat[k] = (v / v.std() / np.sqrt(v.shape[0])).astype(np.float32)
-  return traverse_util.unflatten_dict(flat)
-
-
 @pytest.fixture(scope="module")
 def all_params():
-  """One initialisation of every parameter of the micro model, reused by every state."""
+  """Every parameter of the micro model, drawn with NumPy from the abstract tree (no init
+  program to compile): Dense kernels N(0, 1/fan_in), LayerNorm scale 1, biases 0, other
+  tables N(0, 0.02^2). Unit-scale kernels matter: a random BLIP at BERT's 0.02 init is almost
+  blind to its image input (cross-attention adds ~1e-3 of the residual), so a *frozen* random
+  BLIP would leave the adapter (pretraining) and the context encoder (stage 2) nothing to learn.
+  """
   model = ContextBlip(micro_config())
-  init = jax.jit(lambda r: nn.unbox(init_params(model, r, "all")), compiler_options=FAST)
-  params = _host(init(jax.random.PRNGKey(0)))
-  params["pretrained_blip"] = _unit_scale(params["pretrained_blip"])
-  return params
+  abstract = jax.eval_shape(lambda r: nn.unbox(init_params(model, r, "all")),
+                            jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      return np.ones(leaf.shape, np.float32)
+    if name == "bias":
+      return np.zeros(leaf.shape, np.float32)
+    std = leaf.shape[0] ** -0.5 if name == "kernel" and len(leaf.shape) == 2 else 0.02
+    return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def _subset(params, names):
@@ -150,6 +153,7 @@ def pretrain_runs(all_params):
       metrics.append(_host(m))
     out[name] = dict(state=state, compiled=compiled, report=report, batch=b, metrics=metrics,
                      frozen0=frozen0, jitted=jitted, mesh=mesh)
+  out["params"] = all_params
   return out
 
 
@@ -183,11 +187,11 @@ def test_pretrain_freeze_rules_train_exactly_the_spec_groups(all_params):
 def test_sharded_step_equals_single_device_step(pretrain_runs):
   """Same losses, metrics and updated parameters on (data=4, fsdp=2) as on one device.
 
-  float32; rtol 1e-5 on the losses and metrics. Parameters after two AdamW steps: rtol 1e-5
-  plus atol 1e-6 (5e-4 of the second step's lr, 2e-3): gradients that are exactly zero in exact
-  arithmetic (attention key biases: softmax ignores a constant shift) come out as ~1e-12 of
-  reduction-order noise, which Adam (eps 1e-8) turns into updates of ~lr * g / eps ~ 2e-7 of
-  either sign.
+  float32, rtol 1e-5 on the losses and metrics, rtol 1e-5 + atol 1e-7 on the parameters after
+  two AdamW steps (updates are ~lr = 2e-3). Excluded: attention *key biases*, whose gradient is
+  exactly zero in exact arithmetic (softmax over keys ignores the constant q.b_k); what comes
+  out is ~1e-12 of reduction-order noise that Adam (eps 1e-8) turns into updates of arbitrary
+  sign up to ~lr * g / eps. For those only |update| <= lr is checked.
   """
   s, m = pretrain_runs["single"], pretrain_runs["sharded"]
   for a, b in zip(s["metrics"], m["metrics"]):
@@ -195,9 +199,16 @@ def test_sharded_step_equals_single_device_step(pretrain_runs):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
   assert s["metrics"][0]["loss"] != s["metrics"][1]["loss"]
   np.testing.assert_allclose(s["metrics"][1]["lr"], 1e-6 + (1e-2 - 1e-6) / 5, rtol=1e-6)
-  for (path, a), b in zip(traverse_util.flatten_dict(_host(s["state"].trainable)).items(),
-                          traverse_util.flatten_dict(_host(m["state"].trainable)).values()):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg="/".join(path))
+  before = traverse_util.flatten_dict(_subset(pretrain_runs["params"], PRETRAIN_NAMES))
+  single = traverse_util.flatten_dict(_host(s["state"].trainable))
+  sharded = traverse_util.flatten_dict(_host(m["state"].trainable))
+  assert single.keys() == sharded.keys()
+  for path, a in single.items():
+    if path[-2:] == ("key", "bias"):
+      for p in (a, sharded[path]):
+        assert np.max(np.abs(p - before[path])) <= 2 * 2e-3 * (1 + 1e-4)
+      continue
+    np.testing.assert_allclose(sharded[path], a, rtol=1e-5, atol=1e-7, err_msg="/".join(path))
   # The sharded state really is sharded as the rules say.
   kernel = m["state"].trainable["visual_decoder"]["encoder"]["layer_0"]["intermediate"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -207,7 +218,7 @@ def test_sharded_step_equals_single_device_step(pretrain_runs):
 
 
 def test_frozen_params_bit_identical_and_without_optimizer_state(pretrain_runs):
-  for run in pretrain_runs.values():
+  for run in (pretrain_runs["single"], pretrain_runs["sharded"]):
     after = traverse_util.flatten_dict(_host(run["state"].frozen))
     before = traverse_util.flatten_dict(run["frozen0"])
     assert after.keys() == before.keys() and len(after) > 50
