@@ -23,19 +23,17 @@ from flax import traverse_util
 from contextblip_jax import objectives, optim, steps
 from contextblip_jax import sharding as shd
 from contextblip_jax.models import layers
-from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
+from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
+                                                stage_param_names)
 from contextblip_jax.models.variants import get_variant
 from contextblip_jax.train_state import (TrainState, merge_params, partition_params,
                                          trainable_paths)
 
 FAST = {"xla_backend_optimization_level": 0}
-# Fine-tuning trees are built from the full parameter set (the model's setup declares every
-# top-level parameter), so the rules say positively what trains and freeze the rest.
-PRETRAIN_RULES = [("(pretrained_blip|prediction_layer|context_encoder)/.*", "freeze"),
-                  (".*", "train")]
-BACKBONE_RULES = [("pretrained_blip/.*", "train"), (".*", "freeze")]
-STAGE1_RULES = [("(pretrained_blip|vision_adapter|prediction_layer)/.*", "train"),
-                (".*", "freeze")]
+# The freeze rules of the stage configs (configs/*.py, SPEC §3.9), over each stage's tree.
+PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]
+BACKBONE_RULES = [(".*", "train")]
+STAGE1_RULES = [("context_encoder/.*", "freeze"), (".*", "train")]
 STAGE2_RULES = [("context_encoder/.*", "train"), (".*", "freeze")]
 VIT_FROZEN_STAGE1_RULES = [("pretrained_blip/visual_encoder/.*", "freeze")] + STAGE1_RULES
 
@@ -104,19 +102,18 @@ def all_params():
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def _subset(params, names):
-  return {k: params[k] for k in names}
+def _stage_params(params, model, stage):
+  return {k: params[k] for k in stage_param_names(model.config, stage)}
 
 
 def _loss(name, model, train=True):
   return functools.partial(objectives.LOSSES[name], model=model, cfg=None, train=train)
 
 
-def _setup(model, stage_names, params, rules, opt, mesh, loss_fn, batch, **kw):
-  init_fn = lambda r: {k: v for k, v in init_params(model, r, "all").items() if k in stage_names}
-  state, sh = steps.init_train_state(init_fn, jax.random.PRNGKey(3), tx=opt.tx,
-                                     freeze_rules=rules, mesh=mesh,
-                                     params=_subset(params, stage_names),
+def _setup(model, stage, params, rules, opt, mesh, loss_fn, batch, **kw):
+  state, sh = steps.init_train_state(lambda r: init_params(model, r, stage),
+                                     jax.random.PRNGKey(3), tx=opt.tx, freeze_rules=rules,
+                                     mesh=mesh, params=_stage_params(params, model, stage),
                                      compiler_options=FAST)
   bsh = shd.batch_shardings(batch, mesh)
   step = steps.make_train_step(loss_fn, opt, sh, bsh, mesh=mesh, compiler_options=FAST, **kw)
@@ -130,12 +127,6 @@ def _pretrain_opt():
   return optim.make_optimizer(cfg, steps_per_epoch=10_000)
 
 
-ALL_NAMES = ("pretrained_blip", "vision_adapter", "text_adapter", "visual_decoder",
-             "decoder_pos_embed", "recon_head", "mask_embed", "prediction_layer",
-             "context_encoder")
-PRETRAIN_NAMES = FINETUNE_NAMES = ALL_NAMES
-
-
 @pytest.fixture(scope="module")
 def pretrain_runs(all_params):
   """Two pretraining steps on one device and on a (data=4, fsdp=2) mesh."""
@@ -143,7 +134,7 @@ def pretrain_runs(all_params):
   out = {}
   for name, mesh in (("single", shd.make_mesh({"data": 1}, jax.devices()[:1])),
                      ("sharded", shd.make_mesh({"data": 4, "fsdp": 2}))):
-    state, compiled, report, b, jitted = _setup(model, PRETRAIN_NAMES, all_params,
+    state, compiled, report, b, jitted = _setup(model, "pretrain", all_params,
                                                 PRETRAIN_RULES, opt, mesh,
                                                 _loss("pretrain", model), batch)
     frozen0 = _host(state.frozen)
@@ -175,10 +166,11 @@ def test_partition_merge_first_match_wins():
 
 
 def test_pretrain_freeze_rules_train_exactly_the_spec_groups(all_params):
-  tr, fr = partition_params(_subset(all_params, PRETRAIN_NAMES), PRETRAIN_RULES)
+  model = ContextBlip(micro_config())
+  tr, fr = partition_params(_stage_params(all_params, model, "pretrain"), PRETRAIN_RULES)
   assert set(tr) == {"vision_adapter", "text_adapter", "visual_decoder", "decoder_pos_embed",
                      "recon_head", "mask_embed"}
-  tr2, fr2 = partition_params(all_params, STAGE2_RULES)
+  tr2, fr2 = partition_params(_stage_params(all_params, model, "finetune"), STAGE2_RULES)
   assert set(tr2) == {"context_encoder"} and "prediction_layer" in fr2
 
 
@@ -199,7 +191,7 @@ def test_sharded_step_equals_single_device_step(pretrain_runs):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
   assert s["metrics"][0]["loss"] != s["metrics"][1]["loss"]
   np.testing.assert_allclose(s["metrics"][1]["lr"], 1e-6 + (1e-2 - 1e-6) / 5, rtol=1e-6)
-  before = traverse_util.flatten_dict(_subset(pretrain_runs["params"], PRETRAIN_NAMES))
+  before = traverse_util.flatten_dict(pretrain_runs["params"])
   single = traverse_util.flatten_dict(_host(s["state"].trainable))
   sharded = traverse_util.flatten_dict(_host(m["state"].trainable))
   assert single.keys() == sharded.keys()
@@ -262,7 +254,7 @@ def test_frozen_vit_gets_no_backward_pass(all_params):
   flops = {}
   for label, rules in (("vit_trains", STAGE1_RULES), ("vit_frozen", VIT_FROZEN_STAGE1_RULES)):
     abstract, sh, _ = steps.abstract_train_state(
-        lambda r: init_params(model, r, "all"), tx=opt.tx, freeze_rules=rules, mesh=mesh)
+        lambda r: init_params(model, r, "finetune"), tx=opt.tx, freeze_rules=rules, mesh=mesh)
     fn = steps.make_train_step(_loss("finetune_stage1", model), opt, sh,
                                shd.batch_shardings(batch, mesh), mesh=mesh)
     flops[label] = _lowered_flops(fn, abstract, batch)
@@ -276,9 +268,10 @@ def test_frozen_vit_gets_no_backward_pass(all_params):
 
   pm, pb, popt = ContextBlip(micro_config()), pretrain_batch(), _pretrain_opt()
   lf = _loss("pretrain", pm)
-  fwd = _lowered_flops(jax.jit(lambda p, b, k: lf(p, b, k)[0]), all_params, pb,
+  fwd = _lowered_flops(jax.jit(lambda p, b, k: lf(p, b, k)[0]),
+                       _stage_params(all_params, pm, "pretrain"), pb,
                        jax.random.PRNGKey(0))
-  abstract, sh, _ = steps.abstract_train_state(lambda r: init_params(pm, r, "all"), tx=popt.tx,
+  abstract, sh, _ = steps.abstract_train_state(lambda r: init_params(pm, r, "pretrain"), tx=popt.tx,
                                                freeze_rules=PRETRAIN_RULES, mesh=mesh)
   step = _lowered_flops(steps.make_train_step(lf, popt, sh, shd.batch_shardings(pb, mesh),
                                               mesh=mesh), abstract, pb)
@@ -398,7 +391,7 @@ def test_backbone_loss_decreases_in_bf16_compute(all_params):
   cfg.lr, cfg.warmup_steps, cfg.total_steps = 3e-3, 5, 1000
   opt = optim.make_optimizer(cfg, steps_per_epoch=100)
   mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-  state, compiled, _, b, _ = _setup(model, ALL_NAMES, all_params, BACKBONE_RULES,
+  state, compiled, _, b, _ = _setup(model, "backbone", all_params, BACKBONE_RULES,
                                     opt, mesh, _loss("backbone", model), pretrain_batch())
   state, hist = _train(compiled, state, b, 80)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.trainable))
@@ -415,7 +408,7 @@ def test_finetune_stage1_loss_decreases_with_accumulation(all_params):
   cfg.lrs = {"head": 1e-2, "blip": 1e-3}
   opt = optim.make_optimizer(cfg, steps_per_epoch=1000)
   mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-  state, compiled, _, b, _ = _setup(model, FINETUNE_NAMES, all_params, STAGE1_RULES, opt, mesh,
+  state, compiled, _, b, _ = _setup(model, "finetune", all_params, STAGE1_RULES, opt, mesh,
                                     _loss("finetune_stage1", model), finetune_batch(g=2),
                                     accum_steps=2, reduction="sum")
   _, hist = _train(compiled, state, b, 60)
@@ -430,7 +423,7 @@ def test_finetune_stage2_loss_decreases(all_params):
   cfg.lrs = {"context": 1e-2}
   opt = optim.make_optimizer(cfg, steps_per_epoch=1000)
   mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-  state, compiled, _, b, _ = _setup(model, FINETUNE_NAMES, all_params, STAGE2_RULES, opt, mesh,
+  state, compiled, _, b, _ = _setup(model, "finetune", all_params, STAGE2_RULES, opt, mesh,
                                     _loss("finetune_stage2", model), finetune_batch(g=2),
                                     reduction="sum")
   frozen0 = _host(state.frozen)
