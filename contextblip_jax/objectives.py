@@ -183,21 +183,14 @@ def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
 # ------------------------------------------------------------------ candidates (fine-tune / eval)
 def encode_candidates(params, images, *, model: ContextBlip):
   """images [G, K, S, S, 3] -> adapted image embeddings [G, K, N, D] (vision part only)."""
-  g, k = images.shape[:2]
-  embeds = _apply(model, params, ContextBlip.image_embeds, images.reshape((g * k,) +
-                                                                          images.shape[2:]))
-  return embeds.reshape((g, k) + embeds.shape[1:])
+  return _apply(model, params, ContextBlip.encode_candidates, images)
 
 
 def candidate_states(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
                      deterministic: bool = True, rng=None):
   """embeds [G, K, N, D]; one text per set [G, T] tiled K times -> [ENC] states [G, K, Dt]."""
-  g, k = embeds.shape[:2]
-  ids = jnp.repeat(input_ids, k, axis=0)                                 # [G*K, T]
-  mask = jnp.repeat(attention_mask, k, axis=0)
-  out = _apply(model, params, ContextBlip.multimodal, ids, mask,
-               embeds.reshape((g * k,) + embeds.shape[2:]), deterministic, rng=rng)
-  return out.last_hidden_state[:, 0].reshape(g, k, -1)
+  return _apply(model, params, ContextBlip.candidate_states, embeds, input_ids, attention_mask,
+                deterministic, rng=rng)
 
 
 def score_with_embeds(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
@@ -207,24 +200,22 @@ def score_with_embeds(params, embeds, input_ids, attention_mask, *, model: Conte
   head 'zero_shot': ITM softmax[:, 1] (unnormalised [ENC] state); 'stage1' / 'stage2': the
   fine-tuned logits (stage2 needs is_video [G]). argmax over K is the prediction.
   """
+  if head not in ("zero_shot", "stage1", "stage2"):
+    raise ValueError(f"unknown head {head!r}; expected 'zero_shot', 'stage1' or 'stage2'")
+  if head == "stage2" and is_video is None:
+    raise ValueError("head='stage2' needs is_video [G]")
   enc = candidate_states(params, embeds, input_ids, attention_mask, model=model)
   if head == "zero_shot":
-    logits = _apply(model, params, ContextBlip.itm_logits, enc.reshape(-1, 1, enc.shape[-1]))
-    return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(enc.shape[:2])
+    return _apply(model, params, ContextBlip.match_probability, enc)
   feat = l2_normalize(enc)
   if head == "stage1":
     return _apply(model, params, ContextBlip.stage1_logits, feat)
-  if head == "stage2":
-    if is_video is None:
-      raise ValueError("head='stage2' needs is_video [G]")
-    return _apply(model, params, ContextBlip.stage2_logits, feat, is_video)
-  raise ValueError(f"unknown head {head!r}; expected 'zero_shot', 'stage1' or 'stage2'")
+  return _apply(model, params, ContextBlip.stage2_logits, feat, is_video)
 
 
 def zero_shot_scores(params, images, input_ids, attention_mask, *, model: ContextBlip):
   """images [G, K, S, S, 3], ids/mask [G, T] -> ITM match probabilities [G, K]."""
-  embeds = encode_candidates(params, images, model=model)
-  return score_with_embeds(params, embeds, input_ids, attention_mask, model=model)
+  return _apply(model, params, ContextBlip.zero_shot_scores, images, input_ids, attention_mask)
 
 
 def finetune_scores(params, images, input_ids, attention_mask, is_video=None, *,

@@ -17,6 +17,15 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """XLA optimisations off for this module: compile time dominates these small graphs."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="module")
 def b16_abstract():
   c = ContextBlipConfig.for_variant("B/16")
@@ -112,37 +121,43 @@ def _pixels(c, b=2, seed=0):
   return jax.random.normal(jax.random.key(seed), (b, s, s, 3))
 
 
+def _run(model, params, fn, *args):
+  """One jitted `model.apply(..., method=fn)` (fn(module, *args) may return any pytree)."""
+  return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=fn))(params, *args)
+
+
 def test_visible_pass_with_all_patches_equals_the_full_vit(tiny):
   c, m, _, p = tiny
-  px = _pixels(c)
   n = c.num_patches
-  full = m.apply({"params": p}, px, method=ContextBlip.encode_image)
-  full_tokens = m.apply({"params": p}, px, method=lambda mod, x: mod.pretrained_blip
-                        .visual_encoder.embed(x))
   ident = jnp.broadcast_to(jnp.arange(n), (2, n))
-  tok = m.apply({"params": p}, px, ident, method=ContextBlip.embed_visible)
-  np.testing.assert_allclose(tok, full_tokens, rtol=1e-6, atol=1e-6)
-  vis = m.apply({"params": p}, px, ident, method=ContextBlip.encode_visible)
-  np.testing.assert_allclose(vis.last_hidden_state, full.last_hidden_state, rtol=1e-5,
-                             atol=1e-5)
-  # Any order of the visible patches embeds each patch exactly as the full ViT does.
   perm = jnp.stack([jax.random.permutation(jax.random.key(i), n) for i in range(2)])
-  tok = m.apply({"params": p}, px, perm, method=ContextBlip.embed_visible)
-  np.testing.assert_allclose(tok[:, 1:], jnp.take_along_axis(full_tokens[:, 1:],
-                                                              perm[..., None], 1), atol=1e-6)
-  np.testing.assert_allclose(tok[:, 0], full_tokens[:, 0], atol=1e-6)
+
+  def fn(mod, x, ident, perm):
+    return dict(full=mod.encode_image(x).last_hidden_state,
+                tokens=mod.pretrained_blip.visual_encoder.embed(x),
+                ident_tokens=mod.embed_visible(x, ident),
+                ident_states=mod.encode_visible(x, ident).last_hidden_state,
+                perm_tokens=mod.embed_visible(x, perm))
+
+  o = _run(m, p, fn, _pixels(c), ident, perm)
+  np.testing.assert_allclose(o["ident_tokens"], o["tokens"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(o["ident_states"], o["full"], rtol=1e-5, atol=1e-5)
+  # Any order of the visible patches embeds each patch exactly as the full ViT does.
+  np.testing.assert_allclose(o["perm_tokens"][:, 1:], jnp.take_along_axis(
+      o["tokens"][:, 1:], perm[..., None], 1), atol=1e-6)
+  np.testing.assert_allclose(o["perm_tokens"][:, 0], o["tokens"][:, 0], atol=1e-6)
 
 
 def test_reference_patch_layout_is_the_closed_form_and_the_torch_conv(tiny):
   import torch
   c, _, _, p = tiny
-  ref = ContextBlip(c.replace(reference_patch_layout=True))
-  px = _pixels(c, seed=1)
   ps, d = c.blip.vision.patch_size, c.blip.vision.width
   vis_idx = jnp.array([[5, 0, 9], [15, 3, 7]])
-  tok = ref.apply({"params": p}, px, vis_idx, method=ContextBlip.embed_visible)
+  px = _pixels(c, seed=1)
+  fn = lambda mod, x, i: (mod.embed_visible(x, i), mod.patchify(x))
+  tok, patches = _run(ContextBlip(c.replace(reference_patch_layout=True)), p, fn, px, vis_idx)
+  default, _ = _run(ContextBlip(c), p, fn, px, vis_idx)
   vit = p["pretrained_blip"]["visual_encoder"]
-  patches = ref.apply({"params": p}, px, method=ContextBlip.patchify)
   vis = np.take_along_axis(np.asarray(patches), np.asarray(vis_idx)[..., None], 1)
   kernel = np.asarray(vit["patch_embed_kernel"])                 # HWIO [p, p, 3, D]
   w_conv = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))   # torch OIHW [D, 3, p, p]
@@ -156,10 +171,9 @@ def test_reference_patch_layout_is_the_closed_form_and_the_torch_conv(tiny):
                                     stride=ps)
   np.testing.assert_allclose(closed.reshape(-1, d), conv.reshape(-1, d).numpy(), atol=1e-5)
   # The scramble is a fixed permutation of each patch vector (not the identity).
-  x = jnp.arange(3 * ps * ps, dtype=jnp.float32)
-  y = scramble_like_reference(x, ps)
+  x = np.arange(3 * ps * ps, dtype=np.float32)
+  y = np.asarray(scramble_like_reference(jnp.asarray(x), ps))
   assert not np.array_equal(x, y) and np.array_equal(np.sort(y), x)
-  default = ContextBlip(c).apply({"params": p}, px, vis_idx, method=ContextBlip.embed_visible)
   assert not np.allclose(default, tok, atol=1e-3)
 
 
@@ -180,7 +194,6 @@ def test_decoder_input_is_raster_order_like_the_reference_argsort():
 
 def test_reconstruct_wiring(tiny):
   c, m, _, p = tiny
-  bound = m.bind({"params": p})
   rng = np.random.default_rng(1)
   b, n = 2, c.num_patches
   perm = np.stack([rng.permutation(n) for _ in range(b)])
@@ -188,40 +201,47 @@ def test_reconstruct_wiring(tiny):
   enc = jnp.asarray(rng.normal(size=(b, 1 + n - 4, c.blip.vision.width)), jnp.float32)
   h = jnp.asarray(rng.normal(size=(b, 5, c.blip.text.hidden_size)), jnp.float32)
   tmask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-  pred = bound.reconstruct(enc, h, tmask, visible_idx, masked_idx)
-  assert pred.shape == (b, 4, c.blip.vision.patch_size ** 2 * 3)
+  # The decoder input built by hand in NumPy, raster order.
   tokens = np.zeros((b, 1 + n, c.blip.vision.width), np.float32)
   tokens[:, 0] = enc[:, 0]
   for i in range(b):
     tokens[i, 1 + perm[i, 4:]] = enc[i, 1:]
     tokens[i, 1 + perm[i, :4]] = (p["mask_embed"] +
                                   p["decoder_pos_embed"]["embedding"][perm[i, :4]])
-  text = h + bound.text_adapter(h)
-  out = bound.visual_decoder(jnp.asarray(tokens), text, tmask).last_hidden_state
-  ref = bound.recon_head(jnp.stack([out[i, 1 + perm[i, :4]] for i in range(b)]))
+
+  def fn(mod, enc, h, tokens):
+    pred = mod.reconstruct(enc, h, tmask, visible_idx, masked_idx)
+    out = mod.visual_decoder(tokens, h + mod.text_adapter(h), tmask).last_hidden_state
+    ref = mod.recon_head(jnp.take_along_axis(out, 1 + masked_idx[..., None], 1))
+    padded = mod.reconstruct(enc, h.at[0, 3:].set(100.0), tmask, visible_idx, masked_idx)
+    return pred, ref, padded
+
+  pred, ref, padded = _run(m, p, fn, enc, h, jnp.asarray(tokens))
+  assert pred.shape == (b, 4, c.blip.vision.patch_size ** 2 * 3)
   np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-5)
   # Padded text positions are ignored by the decoder's cross-attention.
-  h2 = h.at[0, 3:].set(100.0)
-  np.testing.assert_allclose(bound.reconstruct(enc, h2, tmask, visible_idx, masked_idx)[0],
-                             pred[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(padded, pred, rtol=1e-5, atol=1e-5)
 
 
 def test_context_encoder_positions_only_for_video(tiny):
   c, m, _, p = tiny
-  bound = m.bind({"params": p})
   k, d = c.num_candidates, c.blip.text.hidden_size
   feat = jax.random.normal(jax.random.key(3), (2, k, d))
-  out = bound.context_encoder(feat, jnp.array([1.0, 0.0]))
+  video = jnp.array([1.0, 0.0])
+
+  def fn(mod, feat):
+    x = feat[1:]
+    for layer in mod.context_encoder.transformer:
+      x, _ = layer(x)
+    return mod.context_encoder(feat, video), x, mod.stage2_logits(feat, video > 0)
+
+  out, tf_static, logits = _run(m, p, fn, feat)
   # Static set: the positional table has no effect; video set: it does.
-  p2 = jax.tree.map(lambda x: x, p)
-  p2["context_encoder"]["positional_emb"]["embedding"] = jnp.zeros((k, d))
-  out2 = m.bind({"params": p2}).context_encoder(feat, jnp.array([1.0, 0.0]))
+  p2 = dict(p, context_encoder=dict(p["context_encoder"], positional_emb={
+      "embedding": jnp.zeros((k, d))}))
+  out2, _, _ = _run(m, p2, fn, feat)
   np.testing.assert_allclose(out[1], out2[1], rtol=1e-6)
   assert not np.allclose(out[0], out2[0], atol=1e-3)
   # Residual to the un-positioned features: out - feat is the transformer output of x0.
-  x = feat[1:]
-  for layer in bound.context_encoder.transformer:
-    x, _ = layer(x)
-  np.testing.assert_allclose(out[1:] - feat[1:], x, rtol=1e-5, atol=1e-5)
-  logits = bound.stage2_logits(feat, jnp.array([True, False]))
+  np.testing.assert_allclose(out[1:] - feat[1:], tf_static, rtol=1e-5, atol=1e-5)
   assert logits.shape == (2, k) and logits.dtype == jnp.float32

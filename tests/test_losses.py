@@ -8,6 +8,15 @@ import pytest
 from contextblip_jax import losses
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """XLA optimisations off for this module: compile time dominates these small graphs."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _np_softmax(x, axis=-1):
   e = np.exp(x - x.max(axis=axis, keepdims=True))
   return e / e.sum(axis=axis, keepdims=True)

@@ -14,6 +14,15 @@ TEXT_MASK = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0
 CONTENT = np.array([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0]], bool)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """XLA optimisations off for this module: compile time dominates these small graphs."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _attention(row_scores):
   """row_scores [B, T, P] -> L tensors [B, H, T, 1 + P] (CLS key column huge, must be dropped)."""
   cls = np.full(row_scores.shape[:2] + (1,), 1e3)

@@ -38,7 +38,13 @@ def _config(**kw):
 def setup():
   c = _config()
   m = ContextBlip(c)
-  params = nn.unbox(jax.jit(lambda k: init_params(m, k, "all"))(jax.random.key(0)))
+  # Random values of the right shapes (the real initialisers are tested in
+  # test_contextblip_model.py); skipping the init compile keeps this module fast.
+  shapes = jax.eval_shape(lambda: nn.unbox(init_params(m, jax.random.key(0), "all")))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray((1.0 if path[-1].key == "scale" else 0.0) +
+                                  rng.normal(0, 0.05, x.shape), x.dtype), shapes)
   s = c.blip.vision.image_size
   ids = np.zeros((B, T), np.int32)
   for i, n in enumerate([3, 4, 5, 6]):
@@ -168,6 +174,16 @@ def test_zero_shot_scores_and_reusable_vision(setup):
       params["pretrained_blip"], fine["images"][0]).last_hidden_state
   ref = itm(params["pretrained_blip"], ids[:1], mask[:1], vit)
   np.testing.assert_allclose(zs[0], jax.nn.softmax(ref)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_losses(setup):
+  _, params, pre, fine = setup
+  m16 = ContextBlip(_config(), dtype=jnp.bfloat16)
+  for fn, batch in ((O.pretrain_loss, pre), (O.finetune_stage2_loss, fine)):
+    loss, metrics = jax.eval_shape(lambda p: fn(p, batch, jax.random.key(0), model=m16,
+                                                train=True), params)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    assert all(v.dtype == jnp.float32 for v in metrics.values())
 
 
 def test_bad_batch_and_cfg_raise(setup):

@@ -12,7 +12,16 @@ Parameters (top level, named as in the reference checkpoint):
   context_encoder     ContextEncoder (fine-tuning stage 2)
 
 `init_params(model, rng, stage)` builds the tree of one stage (`PARAM_GROUPS`/`STAGE_GROUPS`).
-Every method takes `deterministic` explicitly and returns its intermediates (ViT taps,
+Entry points for `model.apply(..., method=ContextBlip.X)`:
+  encode_image / adapt / image_embeds      ViT with taps -> adapter -> [B, N, D]
+  patchify / embed_visible / encode_visible  TMIM target and the visible-only ViT pass
+  multimodal / itm_logits                  [ENC] text encoder (states, cross-attentions), ITM
+  itc_image_features / itc_text_features   frozen ITC features (hard-negative sampling)
+  reconstruct                              TMIM decoder prediction of the masked patches
+  encode_candidates / candidate_states     IMAGECODE: vision once per set, text tiled K times
+  match_probability / zero_shot_scores     ITM softmax[:, 1] scores [G, K]
+  stage1_logits / stage2_logits            fine-tuning heads [G, K]
+Methods take `deterministic` explicitly and return their intermediates (ViT taps,
 cross-attention probabilities) in the return value; the losses live in `objectives.py`.
 """
 
@@ -247,6 +256,32 @@ class ContextBlip(nn.Module):
                                     visible_idx, masked_idx)            # [B, 1 + P, D]
     out = self.visual_decoder(tokens, text, text_mask, deterministic).last_hidden_state
     return self.recon_head(gather_tokens(out, 1 + masked_idx))
+
+  # ------------------------------------------------------------------ candidates (IMAGECODE)
+  def encode_candidates(self, images: jax.Array) -> jax.Array:
+    """images [G, K, S, S, 3] -> adapted image embeddings [G, K, N, D]."""
+    g, k = images.shape[:2]
+    embeds = self.image_embeds(images.reshape((g * k,) + images.shape[2:]))
+    return embeds.reshape((g, k) + embeds.shape[1:])
+
+  def candidate_states(self, embeds, input_ids, attention_mask,
+                       deterministic: bool = True) -> jax.Array:
+    """embeds [G, K, N, D]; one text per set [G, T], tiled K times -> [ENC] states [G, K, Dt]."""
+    g, k = embeds.shape[:2]
+    out = self.multimodal(jnp.repeat(input_ids, k, axis=0),
+                          jnp.repeat(attention_mask, k, axis=0),
+                          embeds.reshape((g * k,) + embeds.shape[2:]), deterministic)
+    return out.last_hidden_state[:, 0].reshape(g, k, -1)
+
+  def match_probability(self, states: jax.Array) -> jax.Array:
+    """Zero-shot score: ITM softmax[..., 1] of unnormalised [ENC] states [..., Dt] -> [...]."""
+    logits = self.itm_logits(states.reshape((-1, 1, states.shape[-1])))
+    return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(states.shape[:-1])
+
+  def zero_shot_scores(self, images, input_ids, attention_mask) -> jax.Array:
+    """images [G, K, S, S, 3], one text per set [G, T] -> ITM match probabilities [G, K]."""
+    embeds = self.encode_candidates(images)
+    return self.match_probability(self.candidate_states(embeds, input_ids, attention_mask))
 
   # ------------------------------------------------------------------ fine-tuning heads
   def stage1_logits(self, feat: jax.Array) -> jax.Array:
