@@ -7,6 +7,7 @@ Reference behaviour (`token_choice='reference'`, the default):
   avg = mean_heads(mean_layers(attn))           # [B, T, 1 + P]
   avg = avg[..., 1:]                            # drop the CLS key
   t   ~ U{0, ..., T-1}, one per batch           # any position, [ENC]/[SEP]/[PAD] included
+                                                # (or one per group of rows: `group_size`)
   m   = avg[:, t] / ||avg[:, t]||_2 + U(0, noise)
   idx = argsort(m, descending)                  # the highest-attention patches are masked
 Options: 'valid_mean' averages the rows of the valid non-special tokens; 'per_example' draws
@@ -47,9 +48,18 @@ def content_token_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.where(jnp.any(content, axis=1, keepdims=True), content, True)
 
 
+def _shared_position(key: jax.Array, b: int, t: int, group_size: int | None) -> jax.Array:
+  """One t ~ U{0..T-1} per contiguous group of rows (the whole batch when None) -> [B]."""
+  if group_size is None or group_size >= b:
+    return jnp.full((b,), jax.random.randint(key, (), 0, t))
+  if b % group_size:
+    raise ValueError(f"batch {b} is not a multiple of the mask group size {group_size}")
+  return jnp.repeat(jax.random.randint(key, (b // group_size,), 0, t), group_size)
+
+
 def patch_scores(cross_attentions: Sequence[jax.Array], attention_mask: jax.Array,
-                 key: jax.Array, *, token_choice: str = "reference",
-                 noise: float = 0.02) -> jax.Array:
+                 key: jax.Array, *, token_choice: str = "reference", noise: float = 0.02,
+                 group_size: int | None = None) -> jax.Array:
   """Per-patch masking scores [B, P] float32 (higher = masked first), gradient-free."""
   if token_choice not in TOKEN_CHOICES:
     raise ValueError(f"token_choice {token_choice!r} not in {TOKEN_CHOICES}")
@@ -59,7 +69,8 @@ def patch_scores(cross_attentions: Sequence[jax.Array], attention_mask: jax.Arra
   b, t, p = avg.shape
   k_tok, k_noise = jax.random.split(key)
   if token_choice == "reference":
-    m = avg[:, jax.random.randint(k_tok, (), 0, t)]                  # [B, P]
+    tok = _shared_position(k_tok, b, t, group_size)                  # [B]
+    m = jnp.take_along_axis(avg, tok[:, None, None], axis=1)[:, 0]  # [B, P]
   elif token_choice == "valid_mean":
     w = content_token_mask(attention_mask).astype(jnp.float32)       # [B, T]
     m = jnp.einsum("bt,btp->bp", w, avg) / jnp.sum(w, axis=1, keepdims=True)
@@ -72,11 +83,12 @@ def patch_scores(cross_attentions: Sequence[jax.Array], attention_mask: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("mask_ratio", "token_choice", "random_mask",
-                                             "noise"))
+                                             "noise", "group_size"))
 def select_masked_patches(cross_attentions: Sequence[jax.Array], attention_mask: jax.Array,
                           key: jax.Array, *, mask_ratio: float = 0.25,
                           token_choice: str = "reference", random_mask: bool = False,
-                          noise: float = 0.02) -> tuple[jax.Array, jax.Array]:
+                          noise: float = 0.02, group_size: int | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
   """Chooses the TMIM mask from the positive ITM cross-attention.
 
   Args:
@@ -87,6 +99,8 @@ def select_masked_patches(cross_attentions: Sequence[jax.Array], attention_mask:
     token_choice: 'reference' | 'valid_mean' | 'per_example' (see module doc).
     random_mask: uniform random permutation instead of the attention ranking.
     noise: scale of the U(0, noise) tie-breaking noise (0.02 in the reference).
+    group_size: 'reference' only: contiguous groups of this many rows share one text
+      position (the reference draws one per GPU, i.e. per local batch); None = the batch.
   Returns:
     (masked_idx [B, M] int32, visible_idx [B, P - M] int32): 0-based patch indices, both in
     descending-score order (the visible order is irrelevant downstream).
@@ -98,6 +112,6 @@ def select_masked_patches(cross_attentions: Sequence[jax.Array], attention_mask:
     scores = jax.random.uniform(key, (b, p), jnp.float32)
   else:
     scores = patch_scores(cross_attentions, attention_mask, key, token_choice=token_choice,
-                          noise=noise)
+                          noise=noise, group_size=group_size)
   idx = jnp.argsort(jax.lax.stop_gradient(scores), axis=-1, descending=True).astype(jnp.int32)
   return idx[:, :m], idx[:, m:]

@@ -50,6 +50,8 @@ class ObjectiveConfig:
   itc_temperature: float = 0.07  # backbone_loss: ITC temperature, also divides the sampling sims
   negatives_group_size: int | None = None  # hard negatives drawn within groups of this many
                                            # rows (the per-device batch); None = global batch
+  mask_group_size: int | None = None  # rows sharing one TMIM text position ('reference'
+                                      # token choice; per-device batch); None = global batch
 
 
 def as_objective_config(cfg: Any) -> ObjectiveConfig:
@@ -166,7 +168,8 @@ def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
     # 5. mask from the attentions.  6. visible-only ViT pass, adapter, decoder, L_tmim.
     masked_idx, visible_idx = select_masked_patches(
         pos.cross_attentions, mask, fold(rng, "mask"), mask_ratio=c.mask_ratio,
-        token_choice=c.mask_token_choice, random_mask=c.random_mask, noise=c.mask_noise)
+        token_choice=c.mask_token_choice, random_mask=c.random_mask, noise=c.mask_noise,
+        group_size=cfg.mask_group_size)
     visible = jax.lax.stop_gradient(
         _apply(model, params, ContextBlip.encode_visible, pixels, visible_idx))
     enc = _apply(model, params, ContextBlip.adapt, visible)

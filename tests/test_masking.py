@@ -72,6 +72,30 @@ def test_masks_the_top_scoring_patches_of_one_shared_position():
   assert len(chosen) >= 3   # t is drawn at random over all T positions
 
 
+def test_group_size_gives_one_position_per_group():
+  rng = np.random.default_rng(7)
+  b = 4
+  hot = np.zeros((b, T, P), bool)
+  for i in range(b):
+    for t in range(T):
+      hot[i, t, rng.choice(P, 4, replace=False)] = True
+  scores = np.where(hot, 10.0, 0.01)
+  mask = jnp.concatenate([TEXT_MASK, TEXT_MASK[:1]])
+  pairs = set()
+  for seed in range(8):
+    masked, _ = select_masked_patches(_attention(scores), mask, jax.random.key(seed),
+                                      group_size=2)
+    sets = _masked_sets(masked)
+    t_of = [[t for t in range(T) if sets[i] == set(np.flatnonzero(hot[i, t]))] for i in
+            range(b)]
+    assert all(len(x) == 1 for x in t_of)
+    assert t_of[0] == t_of[1] and t_of[2] == t_of[3]          # shared within a group
+    pairs.add((t_of[0][0], t_of[2][0]))
+  assert any(t0 != t2 for t0, t2 in pairs)                    # drawn per group
+  with pytest.raises(ValueError, match="multiple"):
+    select_masked_patches(_attention(scores), mask, jax.random.key(0), group_size=3)
+
+
 def test_zero_noise_gives_the_exact_descending_order():
   rng = np.random.default_rng(2)
   row = rng.permutation(P).astype(np.float32) + 1.0

@@ -89,7 +89,8 @@ def test_pretrain_loss(setup):
   m, params, pre, _ = setup
   wrt = ["pretrained_blip", "vision_adapter", "text_adapter", "visual_decoder",
          "decoder_pos_embed", "recon_head", "mask_embed"]
-  f, tr = _value_and_grad(O.pretrain_loss, m, params, pre, wrt)
+  f, tr = _value_and_grad(O.pretrain_loss, m, params, pre, wrt,
+                          cfg=O.ObjectiveConfig(mask_group_size=2))
   rng = jax.random.key(4, impl="rbg")
   (loss, metrics), g = f(tr, rng)
   assert np.isfinite(loss) and set(metrics) == {"loss", "itm_loss", "tmim_loss",
