@@ -60,6 +60,19 @@ def test_b16_parameter_counts(b16_abstract):
   assert p["decoder_pos_embed"]["embedding"].shape == (197, 768)
 
 
+@pytest.mark.slow
+def test_b16_objectives_trace(b16_abstract):
+  from contextblip_jax import objectives
+  c, boxed = b16_abstract
+  m, p = ContextBlip(c), nn.unbox(boxed)
+  sds = jax.ShapeDtypeStruct
+  pre = {"image": sds((2, 224, 224, 3), jnp.float32), "input_ids": sds((2, 30), jnp.int32),
+         "attention_mask": sds((2, 30), jnp.int32)}
+  loss, metrics = jax.eval_shape(lambda p, b: objectives.pretrain_loss(
+      p, b, jax.random.key(0), model=m, train=True), p, pre)
+  assert loss.shape == () and set(metrics) >= {"itm_loss", "tmim_loss"}
+
+
 def test_every_parameter_has_logical_axes(b16_abstract):
   _, boxed = b16_abstract
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -109,6 +109,22 @@ def test_pretrain_loss(setup):
   assert float(f(tr, jax.random.key(5, impl="rbg"))[0][0]) != float(loss)
 
 
+def test_itm_rows_are_positive_negative_image_negative_text(setup):
+  m, params, pre, _ = setup
+  ids, mask = pre["input_ids"][:2], pre["attention_mask"][:2]
+  embeds = jax.random.normal(jax.random.key(8), (2, m.config.num_patches + 1,
+                                                 m.config.blip.vision.width))
+  # With B = 2 the only negative of each row is the other row.
+  logits, _ = jax.jit(lambda p: O.itm_with_hard_negatives(
+      p, m, ids, mask, embeds, jnp.eye(2), jax.random.key(0)))(params)
+  blip = Blip(m.config.blip)
+  itm = jax.jit(lambda p, i, a, e: blip.apply({"params": p}, i, a, e, method=Blip.itm))
+  bp = params["pretrained_blip"]
+  ref = jnp.concatenate([itm(bp, ids, mask, embeds), itm(bp, ids, mask, embeds[::-1]),
+                         itm(bp, ids[::-1], mask[::-1], embeds)])
+  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_pretrain_without_tmim_is_itm_only(setup):
   _, params, pre, _ = setup
   m0 = ContextBlip(_config(mask_ratio=0.0))
