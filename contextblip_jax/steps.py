@@ -9,7 +9,7 @@ Typical use (see `tests/test_steps.py`):
 
   mesh = sharding.make_mesh({"data": -1})
   opt = optim.make_optimizer(optim.default_config("pretrain"), steps_per_epoch)
-  init_fn = lambda rng: model.init(rng, *dummy_inputs)["params"]        # boxed params
+  init_fn = lambda rng: init_params(model, rng, "pretrain")   # boxed params (models/contextblip)
   state, shardings = init_train_state(init_fn, jax.random.PRNGKey(42), tx=opt.tx,
                                       freeze_rules=[("pretrained_blip/.*", "freeze"),
                                                     (".*", "train")], mesh=mesh)
@@ -19,14 +19,21 @@ Typical use (see `tests/test_steps.py`):
 
 Gradient accumulation (`accum_steps=a`): the batch's leading dimension B is split into `a`
 micro-batches (micro-batch i = examples i, i+a, i+2a, ..., so every micro-batch keeps its
-examples spread over all data-parallel devices), gradients/losses/metrics are summed with
+examples spread over all data-parallel devices), gradients, losses and metrics are summed with
 `lax.scan`, then:
-  reduction="sum"  (fine-tuning: the loss is a sum over examples)  -> the sums are used as is;
-  reduction="mean" (pre-training: the loss is a batch mean)        -> the sums are divided by a.
+  reduction="sum"  (fine-tuning: the loss is a sum over examples)  -> loss and gradients as is;
+  reduction="mean" (pre-training: the loss is a batch mean)        -> both divided by a;
+  metrics named in `sum_metrics` (counts: "correct", "num_examples") stay sums, all other
+  metrics (means, accuracies) are divided by a.
 For a deterministic loss that decomposes over examples, both give exactly the un-accumulated
 step (tested). Losses that couple examples (in-batch hard negatives) then see a pool of B/a
 examples, as under per-device sampling, and micro-batch i draws its randomness from
 fold_in(step_key, i) instead of step_key.
+
+Compute precision is the model's: `ContextBlip(cfg, dtype=jnp.bfloat16)` computes in bfloat16
+while the state keeps float32 parameters and optimizer moments and the losses stay float32
+(tested). The logical-axis rules and the mesh are active while the step is traced, so every
+`nn.with_logical_constraint` in the model resolves to mesh axes.
 """
 
 from __future__ import annotations
