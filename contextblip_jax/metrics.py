@@ -128,12 +128,19 @@ class Progress:
     self.stream = stream or sys.stderr
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self._t0 = time.perf_counter()
+    self._first: tuple[float, int] | None = None   # (time, count) at the first update
     self.last_line = ""
 
   @property
   def rate(self) -> float:
+    """Updates per second since the first update (which includes compilation), or overall
+    before the second one."""
+    now = time.perf_counter()
+    if self._first is not None and self.count > self._first[1]:
+      t, c = self._first
+      return (self.count - c) / (now - t) if now > t else 0.0
     done = self.count - self._start_count
-    dt = time.perf_counter() - self._t0
+    dt = now - self._t0
     return done / dt if dt > 0 and done > 0 else 0.0
 
   def eta(self) -> float:
@@ -155,6 +162,8 @@ class Progress:
     """Advances by `n`; prints a line on every `every`-th update and at the end."""
     before = self.count
     self.count += n
+    if self._first is None:
+      self._first = (time.perf_counter(), self.count)
     crossed = self.count // self.every != before // self.every
     if self.enabled and (crossed or self.count >= self.total):
       self.last_line = self.line(**postfix)

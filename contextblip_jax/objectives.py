@@ -52,6 +52,8 @@ class ObjectiveConfig:
                                            # rows (the per-device batch); None = global batch
   mask_group_size: int | None = None  # rows sharing one TMIM text position ('reference'
                                       # token choice; per-device batch); None = global batch
+  hard_negative_scale: float = 1.0  # backbone_loss: sampling sims x this (0 = uniform random
+                                    # negatives, for a backbone trained from scratch)
 
 
 def as_objective_config(cfg: Any) -> ObjectiveConfig:
@@ -128,8 +130,8 @@ def backbone_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
   text_feat = _apply(model, params, ContextBlip.itc_text_features, ids, mask, det,
                      rng=fold(drop, "itc_text"))
   l_itc, sim = losses.itc_loss(image_feat, text_feat, cfg.itc_temperature)
-  logits, _ = itm_with_hard_negatives(params, model, ids, mask, embeds, sim,
-                                      fold(rng, "negatives"),
+  logits, _ = itm_with_hard_negatives(params, model, ids, mask, embeds,
+                                      sim * cfg.hard_negative_scale, fold(rng, "negatives"),
                                       group_size=cfg.negatives_group_size, deterministic=det,
                                       rng=drop)
   l_itm = losses.itm_loss(logits)

@@ -1,0 +1,31 @@
+"""ContextBLIP pre-training (SPEC §7.1): L_itm (hard negatives) + L_tmim on COCO + VG pairs.
+
+BLIP is frozen; the multi-scale adapter and the TMIM modules train (SPEC §3.9). Start from the
+converted `model_base.pth` (`--config.init_checkpoint=DIR`) or a backbone workdir
+(`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (mask_ratio 0, ITM only; SPEC §10
+item 13), ':steps=N'.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, tiny=False, nomim=False, steps=0)
+  c = common.base_config("pretrain")
+  c.optim = common.optim.default_config("pretrain")   # AdamW 3e-4, wd 0.05, 0.9**epoch
+  c.train.batch_size = 1024      # 256 per GPU x 4 GPUs
+  c.train.num_epochs = 20        # the reference saves every epoch
+  c.train.save_every = 1000      # steps between checkpoints
+  c.model.mask_ratio = 0.0 if a.nomim else 0.25   # pi
+  c.freeze = [("pretrained_blip/.*", "freeze"), (".*", "train")]   # SPEC §3.9
+  c.objective.negatives_group_size = 256   # hard negatives within each GPU's batch (§10 item 10)
+  c.data.pairs_json = ""         # REQUIRED: comma-separated pair files, e.g. coco.json,vg.json
+  c.data.augmentation = "0"       # RandomResizedCrop(0.2-1) + flip + RandAugment(2, 5)
+  c.eval.head = "zero_shot"      # zero-shot valid accuracy at the end (if imagecode_dir is set)
+  if a.tiny:
+    common.tiny(c)
+    c.optim.warmup_steps = 2
+    c.objective.negatives_group_size = 0
+  if a.steps:
+    c.train.num_steps = a.steps
+  return c

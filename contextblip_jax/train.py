@@ -1,0 +1,323 @@
+"""Training loop of every stage: `train_and_evaluate(config, workdir)`.
+
+Stages (config.mode):
+  backbone   BLIP from scratch on pairs (objectives.backbone_loss)
+  pretrain   ContextBLIP pre-training on pairs (pretrain_loss: ITM hard negatives + TMIM)
+  finetune1  IMAGECODE stage 1 (finetune_stage1_loss, summed over the examples of a step)
+  finetune2  IMAGECODE stage 2 (finetune_stage2_loss, inter-context encoder)
+
+The loop: shape-first sharded state (`steps.init_train_state`, parameters from
+config.init_checkpoint / config.init_workdir where given), or an automatic resume from the
+latest checkpoint in <workdir>/ckpt straight into the target shardings together with the Grain
+iterator position; a jitted train step with explicit shardings and donation; metrics to
+TensorBoard + metrics.jsonl and a progress line with rate and ETA; periodic asynchronous
+checkpoints; SIGTERM -> save, wait, return; fine-tuning: valid accuracy every
+`eval_every_epochs` (best exported when `select_best`). At the end: <workdir>/export (the
+stage's parameters for the next stage), a final evaluation, then DONE.json. A rerun of a
+finished workdir returns the recorded summary without training again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from contextblip_jax import checkpointing, distributed, objectives, optim, steps
+from contextblip_jax import evaluate as ev
+from contextblip_jax import sharding as shd
+from contextblip_jax import workdir as wd
+from contextblip_jax.data import pairs as pairs_reader
+from contextblip_jax.data import pipeline
+from contextblip_jax.metrics import MetricWriter, Progress
+from contextblip_jax.models.contextblip import ContextBlip, init_params
+
+TRAIN_STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
+LOSS = {"backbone": "backbone", "pretrain": "pretrain", "finetune1": "finetune_stage1",
+        "finetune2": "finetune_stage2"}
+PARAM_TREE = {"backbone": "backbone", "pretrain": "pretrain", "finetune1": "finetune",
+              "finetune2": "finetune"}
+EVAL_HEAD = {"pretrain": "zero_shot", "finetune1": "stage1", "finetune2": "stage2"}
+
+Hook = Callable[[int, dict], None]   # called after every step with (step, host metrics)
+FAST_COMPILE = {"xla_backend_optimization_level": 0}   # programs that run once (init)
+
+
+def compiler_options(cfg) -> dict | None:
+  """XLA options of the train / eval steps (config.compile_fast)."""
+  return FAST_COMPILE if cfg.get("compile_fast", False) else None
+
+
+# ------------------------------------------------------------------ data
+
+def train_pipeline(cfg: ml_collections.ConfigDict, stage: str, image_size: int,
+                   counts: dict[str, int]) -> pipeline.Pipeline:
+  """The stage's Grain pipeline; `counts` receives the skipped-item counts."""
+  d, t = cfg.data, cfg.train
+  common = dict(image_size=image_size, global_batch_size=t.batch_size, seed=cfg.seed,
+                max_length=d.max_length, augmentation=_augmentation(d.augmentation),
+                num_epochs=None,
+                cache_images=d.cache_images, num_threads=d.num_threads,
+                worker_count=d.worker_count)
+  if stage in ("backbone", "pretrain"):
+    files = [p.strip() for p in str(d.pairs_json).split(",") if p.strip()]
+    if not files:
+      raise ValueError(f"config.data.pairs_json is required for mode {stage!r}")
+    data = pairs_reader.read_pairs(files, d.pairs_image_root or None,
+                                   check_images="decode" if d.on_error == "skip" else True,
+                                   on_error=d.on_error)
+    counts["skipped_pairs"] = data.num_skipped
+    return pipeline.pretrain_pipeline(data, min_scale=d.min_scale, **common)
+  split = ev.load_split(cfg, "train")
+  counts["skipped_descriptions"] = split.num_skipped_descriptions
+  return pipeline.imagecode_train_pipeline(split, **common)
+
+
+def _augmentation(value) -> int | str:
+  """Config string ('0'-'3' or 'none') -> the value data/augment.py takes."""
+  value = str(value).strip()
+  return int(value) if value.isdigit() else value
+
+
+# ------------------------------------------------------------------ state
+
+def _make_model(cfg, stage) -> tuple[ContextBlip, dict[str, Any] | None, str]:
+  """(model, host params to start from or None, where they came from)."""
+  init_path = cfg.init_workdir or cfg.init_checkpoint
+  if cfg.init_workdir and cfg.init_checkpoint:
+    raise ValueError("set only one of config.init_workdir and config.init_checkpoint")
+  if not init_path:
+    if stage in ("finetune1", "finetune2"):
+      raise ValueError(f"mode {stage!r} needs config.init_workdir (previous stage) or "
+                       "config.init_checkpoint (converted BLIP)")
+    return ContextBlip(wd.model_config(cfg)), None, ""
+  source = wd.load_init(init_path)
+  model = ContextBlip(wd.model_config(cfg, source))
+  return model, wd.params_to_take(stage, source), source.path
+
+
+def _sum_metrics(metrics_list: Sequence[dict]) -> dict[str, float]:
+  """Mean of each metric over the logged steps ('correct'/'num_examples' summed)."""
+  out: dict[str, float] = {}
+  for k in metrics_list[0]:
+    vals = [float(m[k]) for m in metrics_list]
+    out[k] = float(np.sum(vals)) if k in ("correct", "num_examples") else float(np.mean(vals))
+  return out
+
+
+class _Eval:
+  """Valid-set evaluation inside training (fine-tuning heads and pre-training zero-shot)."""
+
+  def __init__(self, cfg, model, stage, mesh, state_shardings, workdir):
+    self.head = EVAL_HEAD.get(stage)
+    self.enabled = bool(self.head and cfg.data.imagecode_dir)
+    if not self.enabled:
+      return
+    self.split = ev.load_split(cfg, "valid")
+    if cfg.eval.max_sets:
+      self.split = ev._first_sets(self.split, cfg.eval.max_sets)  # pylint: disable=protected-access
+    full = state_shardings.params
+    self.shardings = ev.head_params(full, model, self.head)
+    self.evaluator = ev.Evaluator(model, self.head, cfg, mesh, self.shardings)
+    self.out_dir = os.path.join(workdir, wd.EVAL)
+    self.model = model
+
+  def __call__(self, state, name, writer, step) -> dict[str, Any]:
+    params = ev.head_params(state.params, self.model, self.head)
+    return ev.evaluate_split(self.evaluator, params, self.split, self.out_dir, name, writer,
+                             step)
+
+
+# ------------------------------------------------------------------ main loop
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+  """Runs (or resumes, or reuses) one training stage in `workdir`; returns its summary."""
+  stage = cfg.mode
+  if stage not in TRAIN_STAGES:
+    raise ValueError(f"train_and_evaluate: mode {stage!r} is not a training stage "
+                     f"{TRAIN_STAGES}")
+  done = wd.read_done(workdir)
+  if done is not None:
+    distributed.log_main("%s: stage %s already finished; reusing it (remove DONE.json to "
+                         "train again)", workdir, stage)
+    return done
+  wd.write_config(workdir, cfg)
+  t_start = time.time()
+  model, given, source = _make_model(cfg, stage)
+  mesh = shd.make_mesh(dict(cfg.mesh))
+  counts: dict[str, int] = {}
+  data = train_pipeline(cfg, stage, model.config.blip.vision.image_size, counts)
+  spe = data.steps_per_epoch
+  total = int(cfg.train.num_steps or cfg.train.num_epochs * spe)
+  opt = optim.make_optimizer(cfg.optim, spe)
+  init_fn = functools.partial(_init_tree, model=model, tree=PARAM_TREE[stage],
+                              kernel_scale=cfg.model.init_kernel_scale)
+  freeze = [tuple(r) for r in cfg.freeze]
+  rules = cfg.sharding_rules
+  abstract, state_sh, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=freeze,
+                                                     mesh=mesh, rules=rules)
+  data_iter = iter(data)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, wd.CKPT),
+                                    save_every=cfg.train.save_every,
+                                    max_to_keep=cfg.train.keep_checkpoints)
+  meta: dict[str, Any] = {"best_acc": -1.0, "best_step": -1}
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract, data_iter)
+    distributed.log_main("resumed %s from step %d", stage, int(state.step))
+  else:
+    state, _ = steps.init_train_state(init_fn, jax.random.PRNGKey(cfg.seed), tx=opt.tx,
+                                      freeze_rules=freeze, mesh=mesh, rules=rules, params=given,
+                                      compiler_options=FAST_COMPILE)
+    distributed.log_main("%s: initialised (%s)", stage, f"from {source}" if source else
+                         "from scratch")
+  loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
+                              cfg=_objective_cfg(cfg), train=True)
+  batch_abs = _batch_abstract(data)
+  batch_sh = shd.batch_shardings(batch_abs, mesh, rules)
+  reduction = "sum" if stage.startswith("finetune") else "mean"
+  step_fn = steps.make_train_step(loss_fn, opt, state_sh, batch_sh, mesh=mesh, rules=rules,
+                                  accum_steps=cfg.train.accum_steps, reduction=reduction,
+                                  compiler_options=compiler_options(cfg))
+  if cfg.train.compile_report:
+    step_fn, report = steps.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
+                                         name=f"{stage} train_step")
+  evaluator = _Eval(cfg, model, stage, mesh, state_sh, workdir)
+  writer = MetricWriter(workdir, stage=stage)
+  start = int(state.step)
+  summary: dict[str, Any] = {"stage": stage, "steps": total, "steps_per_epoch": spe,
+                             "init": source, **counts}
+  if start == 0 and counts:
+    writer.write_scalars(0, {k: float(v) for k, v in counts.items()})
+  progress = Progress(total, stage, initial=start, every=cfg.train.log_every)
+  eval_every = cfg.train.eval_every_epochs * spe if cfg.train.eval_every_epochs else 0
+  logged: list[dict] = []
+  preempted = False
+  try:
+    with checkpointing.SigtermGuard() as guard:
+      for step in range(start, total):
+        batch = distributed.global_batch(next(data_iter), batch_sh)
+        state, metrics = step_fn(state, batch)
+        done_steps = step + 1
+        if hooks or done_steps % cfg.train.log_every == 0 or done_steps == total:
+          host = jax.tree.map(float, jax.device_get(metrics))
+          logged.append(host)
+          for h in hooks:
+            h(done_steps, host)
+          if done_steps % cfg.train.log_every == 0 or done_steps == total:
+            writer.write_scalars(done_steps, _sum_metrics(logged))
+            progress.update(done_steps - progress.count, loss=host["loss"])
+            logged = []
+        if eval_every and done_steps % eval_every == 0 and done_steps < total:
+          meta = _maybe_best(evaluator, state, writer, done_steps, spe, meta, cfg, workdir,
+                             model, stage)
+        ckpt.save(done_steps, state, data_iter, meta=meta)
+        if guard.requested:
+          preempted = True
+          ckpt.save(done_steps, state, data_iter, meta=meta, force=True)
+          break
+  finally:
+    ckpt.close()
+  if preempted:
+    writer.close()
+    distributed.log_main("%s: stopped on SIGTERM at step %d (checkpoint saved)", stage,
+                         int(state.step))
+    return {**summary, "preempted": True, "step": int(state.step)}
+  summary.update(_finish(cfg, workdir, model, stage, state, evaluator, writer, meta, total))
+  summary["seconds"] = round(time.time() - t_start, 1)
+  writer.close()
+  wd.write_done(workdir, summary)
+  return summary
+
+
+def _init_tree(rng, *, model, tree, kernel_scale: float = 1.0):
+  """Boxed parameters of `tree`; with `kernel_scale` != 1 the 2-D kernels of the ViT and the
+  text encoder are multiplied by it (BERT's N(0, 0.02) suits width 768: at width 64 the
+  [CLS]/[ENC] output barely depends on the other tokens and a from-scratch model does not
+  learn ITM in a few hundred steps)."""
+  params = init_params(model, rng, tree)
+  if kernel_scale == 1.0:
+    return params
+
+  def scale(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+    hit = (names[:1] == ["pretrained_blip"] and names[-1] == "kernel" and value.ndim == 2
+           and any(n in ("text_encoder", "visual_encoder") for n in names))
+    if not hit:
+      return leaf
+    if isinstance(leaf, nn.Partitioned):
+      return leaf.replace_boxed(value * kernel_scale)
+    return value * kernel_scale
+  return jax.tree_util.tree_map_with_path(scale, params,
+                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _objective_cfg(cfg) -> objectives.ObjectiveConfig:
+  o = cfg.objective
+  return objectives.ObjectiveConfig(
+      frozen_dropout=o.frozen_dropout, itc_temperature=o.itc_temperature,
+      negatives_group_size=o.negatives_group_size or None,
+      hard_negative_scale=o.hard_negative_scale)
+
+
+def _batch_abstract(data: pipeline.Pipeline):
+  """Global-batch ShapeDtypeStructs from the pipeline's element spec (first batch peeked)."""
+  it = iter(data)
+  local = next(it)
+  n = jax.process_count()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * n,) + x.shape[1:],
+                                                     x.dtype), local)
+
+
+def _maybe_best(evaluator, state, writer, step, spe, meta, cfg, workdir, model, stage):
+  """Valid accuracy at an epoch boundary; exports the parameters when it is the best."""
+  if not evaluator.enabled:
+    return meta
+  epoch = step // spe
+  report = evaluator(state, f"{evaluator.head}_valid_epoch{epoch}", writer, step)
+  acc = report["all"]["acc"]
+  meta = dict(meta)
+  if cfg.train.select_best and acc > meta.get("best_acc", -1.0):
+    meta.update(best_acc=acc, best_step=step)
+    wd.export_params(workdir, state.params, stage, model.config, step=step, valid_acc=acc)
+    distributed.log_main("new best valid accuracy %.4f at step %d: exported", acc, step)
+  return meta
+
+
+def _finish(cfg, workdir, model, stage, state, evaluator, writer, meta, total
+            ) -> dict[str, Any]:
+  """Final valid evaluation, the export for the next stage (best or last), the summary."""
+  out: dict[str, Any] = {"final_step": int(state.step)}
+  if evaluator.enabled:
+    report = evaluator(state, f"{evaluator.head}_valid", writer, total)
+    out["valid"] = _compact(report)
+    acc = report["all"]["acc"]
+    if cfg.train.select_best and acc > meta.get("best_acc", -1.0):
+      meta = {**meta, "best_acc": acc, "best_step": total}
+      wd.export_params(workdir, state.params, stage, model.config, step=total, valid_acc=acc)
+    out["best_valid_acc"], out["best_step"] = meta.get("best_acc"), meta.get("best_step")
+    if cfg.eval.visualize and jax.process_index() == 0:
+      from contextblip_jax import visualize  # pylint: disable=g-import-not-at-top
+      params = ev.head_params(state.params, model, evaluator.head)
+      out["figures"] = visualize.attention_figures(
+          model, params, evaluator.split,
+          os.path.join(workdir, wd.EVAL, f"{evaluator.head}_attention"),
+          num_sets=cfg.eval.visualize, max_length=cfg.data.max_length)
+  if not (cfg.train.select_best and evaluator.enabled):
+    wd.export_params(workdir, state.params, stage, model.config, step=total)
+  out["export"] = os.path.join(workdir, wd.EXPORT)
+  return out
+
+
+def _compact(report: dict[str, Any]) -> dict[str, Any]:
+  keep = ("all", "video", "static", "tags", "skipped_descriptions", "files", "head")
+  return {k: report[k] for k in keep if k in report}

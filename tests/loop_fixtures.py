@@ -1,0 +1,76 @@
+"""Shared helpers of the loop-level tests (evaluate / train / main / paper pipeline).
+
+  data_dir = make_data(tmp_path)                 # generated IMAGECODE layout + pairs
+  export = make_export(tmp_path / "ft", "finetune2")   # random tiny ContextBLIP parameters
+  cfg = tiny_eval_config(data_dir, checkpoint)
+
+Parameters are random NumPy values for the abstract tree (no XLA compile of `init`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import numpy as np
+
+from checkpoint_fixtures import _random_like
+from configs import evaluate as evaluate_config
+from contextblip_jax import workdir as wd
+from contextblip_jax.data import synthetic
+from contextblip_jax.models.contextblip import ContextBlip, init_params
+
+SIZES = dict(n_train_sets=10, n_valid_sets=6, n_test_sets=4, n_pairs=48, image_size=32)
+
+
+def make_data(path, **sizes) -> str:
+  """Generated synthetic dataset (small) under `path`; returns the directory."""
+  out = os.path.join(str(path), "data")
+  synthetic.generate(out, seed=0, **{**SIZES, **sizes})
+  return out
+
+
+def tiny_model_config(cfg=None):
+  cfg = cfg or evaluate_config.get_config("tiny")
+  return wd.model_config(cfg)
+
+
+def random_params(model_cfg, stage: str = "finetune", seed: int = 0):
+  model = ContextBlip(model_cfg)
+  abstract = jax.eval_shape(lambda r: init_params(model, r, stage), jax.random.PRNGKey(0))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return _random_like(nn.unbox(abstract), np.random.default_rng(seed))
+
+
+def make_export(workdir, stage: str = "finetune2", seed: int = 0) -> str:
+  """A stage workdir with an export/ of random tiny parameters (all fine-tuning groups)."""
+  model_cfg = tiny_model_config()
+  params = random_params(model_cfg, "finetune", seed)
+  wd.export_params(str(workdir), params, stage, model_cfg)
+  return str(workdir)
+
+
+def tiny_eval_config(data_dir: str, checkpoint: str, head: str = "zero_shot",
+                     predict: bool = False):
+  args = ["tiny", f"head={head}"] + (["predict"] if predict else [])
+  cfg = evaluate_config.get_config(",".join(args))
+  cfg.data.imagecode_dir = data_dir
+  cfg.eval.checkpoint = checkpoint
+  cfg.eval.visualize = 0
+  return cfg
+
+
+@contextlib.contextmanager
+def compilation_cache(path):
+  """Persistent XLA compilation cache in `path` for the block (identical programs compiled
+  by several tests of a session then cost one compile)."""
+  old_dir = jax.config.jax_compilation_cache_dir
+  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)

@@ -1,0 +1,112 @@
+"""Training loop: a resumed run reproduces the uninterrupted losses exactly (after a crash and
+after SIGTERM), finished stages are reused, skipped training items are counted."""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+
+from checkpoint_fixtures import make_tiny_checkpoint
+from configs import finetune_stage1
+from contextblip_jax import train
+from contextblip_jax import workdir as wd
+from loop_fixtures import compilation_cache, make_data
+
+N = 4   # steps; checkpoints every N/2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  data = make_data(root)
+  with open(os.path.join(data, "train_data.json")) as f:
+    first = next(iter(json.load(f)))
+  shutil.rmtree(os.path.join(data, "image-sets", first))   # one bad set, skipped
+  ckpt = make_tiny_checkpoint(root, with_adapter=True)
+  with compilation_cache(root / "xla_cache"):
+    yield dict(root=root, data=data, ckpt=ckpt, skipped_set=first)
+
+
+def _config(env):
+  c = finetune_stage1.get_config("tiny")
+  c.init_checkpoint = str(env["ckpt"])
+  c.data.imagecode_dir = env["data"]
+  c.data.on_error = "skip"
+  c.train.num_steps = N
+  c.train.save_every = N // 2
+  c.train.log_every = 1
+  c.eval.max_sets = 2
+  c.eval.visualize = 0
+  return c
+
+
+class Recorder:
+  """Hook recording each step's loss; can crash or send SIGTERM at a given step."""
+
+  def __init__(self, crash_at=None, sigterm_at=None):
+    self.losses, self.crash_at, self.sigterm_at = {}, crash_at, sigterm_at
+
+  def __call__(self, step, metrics):
+    self.losses[step] = metrics["loss"]
+    if step == self.crash_at:
+      raise RuntimeError("simulated crash")
+    if step == self.sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resumed_runs_reproduce_uninterrupted_losses(env):
+  root = env["root"]
+  full = Recorder()
+  summary = train.train_and_evaluate(_config(env), str(root / "full"), hooks=[full])
+  assert sorted(full.losses) == list(range(1, N + 1))
+  assert summary["final_step"] == N and os.path.isfile(root / "full" / wd.DONE)
+  assert summary["skipped_descriptions"] > 0
+
+  # Crash after the checkpoint at N/2: the rerun resumes there.
+  first = Recorder(crash_at=N // 2 + 1)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(_config(env), str(root / "crash"), hooks=[first])
+  second = Recorder()
+  train.train_and_evaluate(_config(env), str(root / "crash"), hooks=[second])
+  assert sorted(second.losses) == list(range(N // 2 + 1, N + 1))
+  resumed = {**{s: first.losses[s] for s in range(1, N // 2 + 1)}, **second.losses}
+  assert resumed == full.losses                       # bit-exact
+
+  # SIGTERM at step 1: saves that step and returns; the rerun continues from it.
+  term = Recorder(sigterm_at=1)
+  out = train.train_and_evaluate(_config(env), str(root / "term"), hooks=[term])
+  assert out["preempted"] and out["step"] == 1
+  assert not os.path.exists(root / "term" / wd.DONE)
+  rest = Recorder()
+  train.train_and_evaluate(_config(env), str(root / "term"), hooks=[rest])
+  assert {1: term.losses[1], **rest.losses} == full.losses
+
+
+def test_finished_stage_is_reused_and_skips_are_logged(env):
+  root = env["root"]
+  workdir = root / "full"
+  if not os.path.isfile(workdir / wd.DONE):
+    train.train_and_evaluate(_config(env), str(workdir))
+  calls = Recorder()
+  again = train.train_and_evaluate(_config(env), str(workdir), hooks=[calls])
+  assert not calls.losses and again["final_step"] == N
+  records = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  assert records[0]["skipped_descriptions"] == again["skipped_descriptions"] > 0
+  losses = [r for r in records if "loss" in r and r["stage"] == "finetune1"]
+  assert [r["step"] for r in losses][:N] == list(range(1, N + 1))
+  export = wd.load_init(str(workdir))
+  assert export.meta["stage"] == "finetune1" and "prediction_layer" in export.params
+
+
+def test_missing_init_and_bad_mode_are_clear_errors(env, tmp_path):
+  c = _config(env)
+  c.init_checkpoint = ""
+  with pytest.raises(ValueError, match="init_workdir"):
+    train.train_and_evaluate(c, str(tmp_path / "x"))
+  c = _config(env)
+  with c.unlocked():
+    c.mode = "evaluate"
+  with pytest.raises(ValueError, match="not a training stage"):
+    train.train_and_evaluate(c, str(tmp_path / "y"))
