@@ -252,7 +252,7 @@ def train_step(state: TrainState, batch: Any, *, loss_fn: LossFn,
   trainable = optax.apply_updates(state.trainable, updates)
   metrics = dict(metrics)
   metrics["loss"] = loss
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   for name, s in (schedules or {}).items():
     metrics[name] = jnp.asarray(s(state.step), jnp.float32)
   new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
