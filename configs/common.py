@@ -149,6 +149,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.eval = eval_config()
   c.freeze = [(".*", "train")]   # (regex over parameter paths, 'train' | 'freeze'), first wins
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # device mesh
+  c.num_devices = 0              # devices in the mesh: 0 = all; n = the first n (one process)
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # None = sharding.py table
   c.compilation_cache = ""       # persistent XLA compilation cache directory ('' = off)
   c.compile_fast = False         # XLA backend optimisation level 0 for the train/eval steps:

@@ -23,6 +23,7 @@ import ml_collections
 from contextblip_jax import eval_metrics
 from contextblip_jax import evaluate as ev
 from contextblip_jax import train
+from contextblip_jax import workdir as wd
 from contextblip_jax.data import synthetic
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
@@ -39,6 +40,8 @@ def _stage_config(cfg, name: str, data_dir: str, workdir: str) -> ml_collections
   i = STAGES.index(name)
   c.init_workdir = os.path.join(workdir, STAGES[i - 1]) if i else ""
   c.compilation_cache = cfg.get("compilation_cache", "")
+  if cfg.get("num_devices"):
+    c.num_devices = cfg.num_devices
   return c
 
 
@@ -59,23 +62,27 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
        f"{splits['valid']['descriptions']} valid / {splits['test']['descriptions']} test "
        f"descriptions, {summary['data']['pairs']} pre-training pairs in {data_dir}")
   times = {"data": time.time() - t0}
+  summary["reused"] = []
   for name in STAGES:
     t = time.time()
-    _say(f"[demo] stage {name} ...")
-    out = train.train_and_evaluate(_stage_config(cfg, name, data_dir, workdir),
-                                   os.path.join(workdir, name))
+    stage_dir = os.path.join(workdir, name)
+    was_done = wd.read_done(stage_dir) is not None
+    _say(f"[demo] stage {name} ..." + (" (finished earlier: reused)" if was_done else ""))
+    out = train.train_and_evaluate(_stage_config(cfg, name, data_dir, workdir), stage_dir)
     if out.get("preempted"):
       _say(f"[demo] stopped during {name} (SIGTERM); rerun the same command to resume")
       return {**summary, "preempted": name}
     summary[name] = out
-    times[name] = time.time() - t
+    if was_done:
+      summary["reused"].append(name)                 # finished in an earlier run
+    times[name] = out.get("seconds", time.time() - t)
     if "valid" in out:
       _say(_one_line(name, out["valid"]))
   if cfg.predict_test:
     t = time.time()
     summary["predict"] = _predict(cfg, data_dir, workdir)
     times["predict"] = time.time() - t
-  times["total"] = time.time() - t0
+  times["total"] = sum(times.values())
   summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
   _write_report(workdir, summary)
   return summary
@@ -133,12 +140,14 @@ def _write_report(workdir: str, summary: dict[str, Any]) -> None:
     return
   n = summary["data"]["splits"]["valid"]
   secs = summary["seconds"]
+  reused = summary.get("reused") or []
+  note = f" (stages reused from an earlier run: {', '.join(reused)})" if reused else ""
   lines = ["# ContextBLIP demo on the synthetic default", "",
            f"Valid split: {n['descriptions']} descriptions ({n['video_descriptions']} video, "
            f"{n['static_descriptions']} static, {n['context_descriptions']} tagged 'con'). "
            "Accuracy in % with 95% Wilson intervals; chance is 1 in 10.", "",
-           table(summary), "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in secs.items()),
-           ""]
+           table(summary),
+           "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in secs.items()) + note, ""]
   for name in STAGES:
     for fig in summary.get(name, {}).get("figures", []) or []:
       lines.append(f"![{name}]({os.path.relpath(fig, workdir)})")

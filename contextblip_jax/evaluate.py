@@ -283,7 +283,7 @@ def load_eval_params(cfg: ml_collections.ConfigDict, workdir: str):
   path = cfg.eval.checkpoint or workdir
   source = wd.load_init(path)
   model = ContextBlip(wd.model_config(cfg, source))
-  mesh = shd.make_mesh(dict(cfg.mesh))
+  mesh = wd.make_mesh(cfg)
   params = head_params(source.params, model, cfg.eval.head)
   shardings = param_shardings_for(model, params, mesh, cfg.sharding_rules)
   params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)

@@ -26,6 +26,15 @@ distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Logging filter: drops INFO records of Orbax / Grain / the backend probe (warnings and
+  errors pass), so the log shows the run's own progress."""
+  NOISY = ("/orbax/", "/grain/", "xla_bridge.py")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns the mode's summary dict."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -49,7 +58,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_distributed(distributed.settings_from_flags())
   distributed.quiet_non_main_processes()
-  logging.get_absl_handler().python_handler.stream = sys.stderr
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stderr
+  handler.addFilter(_QuietLibraries())
   summary = run(_CONFIG.value, _WORKDIR.value)
   if distributed.is_main_process():
     logging.info("summary: %s", json.dumps(summary, default=str)[:2000])

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -153,7 +152,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   wd.write_config(workdir, cfg)
   t_start = time.time()
   model, given, source = _make_model(cfg, stage)
-  mesh = shd.make_mesh(dict(cfg.mesh))
+  mesh = wd.make_mesh(cfg)
   counts: dict[str, int] = {}
   data = train_pipeline(cfg, stage, model.config.blip.vision.image_size, counts)
   spe = data.steps_per_epoch

@@ -65,8 +65,9 @@ def attention_figures(model: ContextBlip, params: Any, split: imagecode.Imagecod
   pixels = np.stack([preprocess.load_image(e.image_paths[e.label], size) for e in chosen])
   enc = tok([pre_caption_imagecode(e.description) for e in chosen], max_length=max_length)
   ratio = cfg.mask_ratio if cfg.mask_ratio > 0 else 0.25
+  needed = {k: params[k] for k in ("pretrained_blip", "vision_adapter") if k in params}
   heat, mask = _attention_and_mask(
-      jax.device_get(params), jnp.asarray(pixels), jnp.asarray(enc["input_ids"]),
+      jax.device_get(needed), jnp.asarray(pixels), jnp.asarray(enc["input_ids"]),
       jnp.asarray(enc["attention_mask"]), model=model, mask_ratio=ratio)
   heat, mask = np.asarray(heat).reshape(-1, grid, grid), np.asarray(mask).reshape(-1, grid, grid)
   images = preprocess.denormalize(pixels)
@@ -79,7 +80,8 @@ def attention_figures(model: ContextBlip, params: Any, split: imagecode.Imagecod
     axes[i, 0].imshow(images[i])
     axes[i, 0].set_title(f"{e.set_name[:28]} img {e.label}", fontsize=7)
     axes[i, 1].imshow(images[i])
-    axes[i, 1].imshow(heat[i], cmap="inferno", alpha=0.6, extent=(0, size, size, 0),
+    axes[i, 1].imshow(heat[i], cmap="inferno", alpha=0.6,
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5),
                       interpolation="nearest")
     axes[i, 1].set_title("cross-attention", fontsize=7)
     axes[i, 2].imshow(masked)

@@ -155,6 +155,19 @@ def params_to_take(stage: str, source: InitSource) -> dict[str, Any]:
   return have
 
 
+def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The run's mesh from config.mesh over all devices, or the first config.num_devices
+  (single-process runs only; e.g. tests on the 8 forced CPU devices that want one)."""
+  from contextblip_jax import sharding  # pylint: disable=g-import-not-at-top
+  n = int(cfg.get("num_devices", 0) or 0)
+  devices = None
+  if n:
+    if jax.process_count() > 1:
+      raise ValueError("config.num_devices applies to single-process runs only")
+    devices = jax.devices()[:n]
+  return sharding.make_mesh(dict(cfg.mesh), devices)
+
+
 # ------------------------------------------------------------------ export / done markers
 
 def export_params(workdir: str, params: Any, stage: str, model: ContextBlipConfig,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -52,25 +53,37 @@ def make_export(workdir, stage: str = "finetune2", seed: int = 0) -> str:
 
 
 def tiny_eval_config(data_dir: str, checkpoint: str, head: str = "zero_shot",
-                     predict: bool = False):
+                     predict: bool = False, num_devices: int = 1):
+  """Tiny evaluate/predict config; one device unless `num_devices` (0 = all 8)."""
   args = ["tiny", f"head={head}"] + (["predict"] if predict else [])
   cfg = evaluate_config.get_config(",".join(args))
+  cfg.num_devices = num_devices
   cfg.data.imagecode_dir = data_dir
   cfg.eval.checkpoint = checkpoint
   cfg.eval.visualize = 0
   return cfg
 
 
+_SESSION_CACHE: list[str] = []
+
+
 @contextlib.contextmanager
-def compilation_cache(path):
-  """Persistent XLA compilation cache in `path` for the block (identical programs compiled
-  by several tests of a session then cost one compile)."""
+def compilation_cache(path=None):
+  """Persistent XLA compilation cache for the block, in one directory per test session
+  (`path` is ignored): identical programs compiled by several of these tests cost one
+  compile. The cache is switched off again afterwards, so other tests are unaffected."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  del path
+  if not _SESSION_CACHE:
+    _SESSION_CACHE.append(tempfile.mkdtemp(prefix="contextblip_jax_xla_cache_"))
   old_dir = jax.config.jax_compilation_cache_dir
   old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", str(path))
+  cc.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", _SESSION_CACHE[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     yield
   finally:
     jax.config.update("jax_compilation_cache_dir", old_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+    cc.reset_cache()

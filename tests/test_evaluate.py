@@ -95,7 +95,7 @@ def test_scores_reuse_vision_and_match_per_description_scoring(setup):
 
 def test_evaluate_and_predict_write_every_description(setup):
   root, data = setup["root"], setup["data"]
-  rep = _run(tiny_eval_config(data, setup["export"]), root / "ev")
+  rep = _run(tiny_eval_config(data, setup["export"], num_devices=0), root / "ev")   # 8 devices
   with open(os.path.join(data, "valid_data.json")) as f:
     n_valid = sum(len(v) for v in json.load(f).values())
   lines = eval_metrics.read_predictions(rep["files"]["predictions"])

@@ -30,6 +30,7 @@ def _data(cfg, data):
   cfg.eval.max_sets = 3
   cfg.eval.visualize = 0
   cfg.train.num_steps = 2
+  cfg.num_devices = 1            # one device: half the compile time (sharding: other tests)
   return cfg
 
 
@@ -54,6 +55,7 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
     # 3. zero-shot evaluation of the pre-trained model on valid
     c = zeroshot.get_config("tiny")
     c.data.imagecode_dir, c.eval.checkpoint, c.eval.visualize = data, str(runs / "pretrain"), 0
+    c.num_devices = 1
     zs = main.run(c, str(runs / "zeroshot"))
     assert zs["all"]["n"] > 0 and zs["head"] == "zero_shot"
     # 4-5. fine-tuning stages 1 and 2, each from the previous workdir
@@ -72,6 +74,7 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
     # 6. test-set predictions -> the leaderboard JSON in the test file's order
     c = evaluate_config.get_config("tiny,predict,head=stage2")
     c.data.imagecode_dir, c.eval.checkpoint = data, str(runs / "finetune2")
+    c.num_devices = 1
     pred = main.run(c, str(runs / "predict"))
   with open(os.path.join(data, "test_data_unlabeled.json")) as f:
     test = json.load(f)
