@@ -111,3 +111,24 @@ def test_missing_init_and_bad_mode_are_clear_errors(env, tmp_path):
     c.mode = "evaluate"
   with pytest.raises(ValueError, match="not a training stage"):
     train.train_and_evaluate(c, str(tmp_path / "y"))
+
+
+def test_epoch_evaluations_export_the_best_epoch(env):
+  c = _config(env)
+  c.train.num_steps = 12
+  c.train.eval_every_epochs = 1
+  c.train.select_best = True
+  c.train.log_every = 4
+  c.train.save_every = 100
+  out = train.train_and_evaluate(c, str(env["root"] / "best"))
+  spe = out["steps_per_epoch"]
+  evals = list(range(spe, 12, spe))
+  assert evals and out["best_step"] in evals + [12]
+  accs = {12: out["valid"]["all"]["acc"]}
+  for e, step in enumerate(evals, start=1):
+    path = env["root"] / "best" / wd.EVAL / f"stage1_valid_epoch{e}.report.json"
+    accs[step] = json.loads(path.read_text())["all"]["acc"]
+  assert out["best_valid_acc"] == max(accs.values())
+  assert accs[out["best_step"]] == max(accs.values())
+  export = wd.load_init(str(env["root"] / "best"))
+  assert export.meta["step"] == out["best_step"]
