@@ -128,6 +128,7 @@ def objective_config() -> ml_collections.ConfigDict:
   o.itc_temperature = 0.07       # backbone ITC temperature
   o.negatives_group_size = 0     # hard negatives within groups of this many rows (0 = batch)
   o.hard_negative_scale = 1.0    # backbone: sampling sims x this (0 = random negatives)
+  o.mask_group_size = 0          # rows sharing one TMIM text position (0 = batch)
   return o
 
 

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.mask_ratio = 0.0 if a.nomim else 0.25   # pi
   c.freeze = [("pretrained_blip/.*", "freeze"), (".*", "train")]   # SPEC §3.9
   c.objective.negatives_group_size = 256   # hard negatives within each GPU's batch (§10 item 10)
+  c.objective.mask_group_size = 256        # one TMIM text position per GPU's batch
   c.data.pairs_json = ""         # REQUIRED: comma-separated pair files, e.g. coco.json,vg.json
   c.data.augmentation = "0"       # RandomResizedCrop(0.2-1) + flip + RandAugment(2, 5)
   c.eval.head = "zero_shot"      # zero-shot valid accuracy at the end (if imagecode_dir is set)
@@ -26,6 +27,7 @@ def get_config(arg=None):
     common.tiny(c)
     c.optim.warmup_steps = 2
     c.objective.negatives_group_size = 0
+    c.objective.mask_group_size = 0
   if a.steps:
     c.train.num_steps = a.steps
   return c

@@ -297,6 +297,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model, params, mesh, shardings = load_eval_params(cfg, workdir)
   split = load_split(cfg, split_name)
   if cfg.eval.max_sets:
+    if not split.labelled:
+      raise ValueError("config.eval.max_sets would leave descriptions out of the leaderboard "
+                       "file; use it with a labelled split only")
     split = _first_sets(split, cfg.eval.max_sets)
   evaluator = Evaluator(model, cfg.eval.head, cfg, mesh, shardings)
   out_dir = os.path.join(workdir, wd.EVAL)

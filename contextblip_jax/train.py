@@ -219,7 +219,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
           meta = _maybe_best(evaluator, state, writer, done_steps, spe, meta, cfg, workdir,
                              model, stage)
         ckpt.save(done_steps, state, data_iter, meta=meta)
-        if guard.requested:
+        # all processes stop at the same step, whichever of them got the signal
+        if distributed.any_process(guard.requested):
           preempted = True
           ckpt.save(done_steps, state, data_iter, meta=meta, force=True)
           break
@@ -265,6 +266,7 @@ def _objective_cfg(cfg) -> objectives.ObjectiveConfig:
   return objectives.ObjectiveConfig(
       frozen_dropout=o.frozen_dropout, itc_temperature=o.itc_temperature,
       negatives_group_size=o.negatives_group_size or None,
+      mask_group_size=o.mask_group_size or None,
       hard_negative_scale=o.hard_negative_scale)
 
 
