@@ -192,6 +192,12 @@ def test_schema_and_unknown_set_errors(setup):
     json.dump(test, f)
   with pytest.raises(imagecode.ImagecodeDataError, match="open-images-no_such_set"):
     _run(tiny_eval_config(data, setup["export"], predict=True), os.path.join(data, "out"))
+  data = _copy(setup, "bad_tags")
+  with open(os.path.join(data, "manual_annotation_valid.yaml"), "a") as f:
+    f.write('"synthvideo-unknown":\n  "3":\n    "description": "x"\n    "annotation": "con"\n')
+  with pytest.raises(imagecode.ImagecodeDataError,
+                     match="manual_annotation_valid.yaml.*synthvideo-unknown"):
+    _run(tiny_eval_config(data, setup["export"]), os.path.join(data, "out"))
 
 
 def test_non_rgb_image_is_converted_not_rejected(setup):
