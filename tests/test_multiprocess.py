@@ -62,6 +62,47 @@ class _Launch:
     return logs
 
 
+PROBE = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from contextblip_jax import distributed as dist
+plan = dist.initialize_distributed()
+mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+sh = NamedSharding(mesh, P("data"))
+shard = dist.data_shard(sh, 8)
+x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+g = dist.global_batch(dist.local_rows(x, sh), sh)
+total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(g)
+hybrid = dist.make_hybrid_mesh({"data": -1}, {"data": 2})
+print("RESULT " + json.dumps(dict(
+    kind=plan.kind, pid=jax.process_index(), rows=shard.rows.tolist(), index=shard.index,
+    count=shard.count, shape=list(g.shape), total=float(total),
+    stop=dist.any_process(jax.process_index() == 1), hybrid=list(hybrid.devices.shape),
+    hybrid_procs=[d.process_index for d in hybrid.devices.reshape(-1)])), flush=True)
+"""
+
+
+def test_distributed_helpers_in_two_processes(tmp_path):
+  script = tmp_path / "probe.py"
+  script.write_text(PROBE)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHON"] = sys.executable
+  proc = subprocess.run(["bash", LAUNCHER, "-n", "2", "-d", "2", "-t", "120", "-l",
+                         str(tmp_path / "logs"), "--", sys.executable, str(script)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+  logs = [open(tmp_path / "logs" / f"proc_{i}.log").read() for i in range(2)]
+  assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(logs)
+  res = [json.loads(next(l for l in t.splitlines() if l.startswith("RESULT "))[7:])
+         for t in logs]
+  for i, r in enumerate(res):
+    assert (r["kind"], r["pid"], r["count"], r["index"]) == ("explicit", i, 2, i)
+    assert r["rows"] == list(range(4 * i, 4 * i + 4))    # contiguous half of the global batch
+    assert r["shape"] == [8, 3] and r["total"] == float(sum(range(24)))
+    assert r["stop"] is True                             # process 1's flag reaches process 0
+    assert r["hybrid"] == [4, 1, 1] and r["hybrid_procs"] == [0, 0, 1, 1]
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("mp") / "data")
