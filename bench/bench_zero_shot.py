@@ -39,8 +39,8 @@ def parse_args(argv=None):
   p.add_argument("--bench", default="1,2", help="which benchmarks: '1', '2' or '1,2'")
   p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
   p.add_argument("--groups", type=int, default=1, help="benchmark 1: groups per timed run")
-  p.add_argument("--devices", type=int, default=2,
-                 help="forced host devices (XLA_FLAGS); JAX variants use 1 or all of them")
+  p.add_argument("--devices", type=int, default=10,
+                 help="forced host devices (XLA_FLAGS); each JAX variant uses its first 1-10")
   p.add_argument("--variants", default="",
                  help="comma list to run, or 'all' (default: the main variants); see --list")
   p.add_argument("--list", action="store_true", help="list the variants and exit")

@@ -25,8 +25,9 @@ BUCKETS = (8, 16, 24, 30)           # compiled text lengths when bucketing (30 =
 TITLES = {1: "ten-candidate groups, one description per set",
           2: "several descriptions per set (1,2,2,3,3), reuse of image work"}
 
-# name -> (kind, options). Options: dev = devices the batch is sharded over, bucket = text
-# length buckets, dpa = jax.nn.dot_product_attention, reuse = none | vision | kv.
+# name -> (kind, options). Options: dev = forced host devices the batch is sharded over (the
+# 10 images, and the text rows image-major), bucket = text length buckets, dpa =
+# jax.nn.dot_product_attention, heads = heads-major ViT attention, reuse = none | vision | kv.
 VARIANTS = {
     1: {
         "torch_eager": ("torch", {}),
@@ -34,23 +35,25 @@ VARIANTS = {
         "jax_1dev": ("jax", dict(dev=1)),
         "jax_2dev": ("jax", dict(dev=2)),
         "jax_2dev_len": ("jax", dict(dev=2, bucket=True)),
-        "jax_2dev_len_dpa": ("jax", dict(dev=2, bucket=True, dpa=True)),
-        "jax_2dev_len_heads": ("jax", dict(dev=2, bucket=True, heads=True)),
+        "jax_5dev_len": ("jax", dict(dev=5, bucket=True)),
+        "jax_10dev_len": ("jax", dict(dev=10, bucket=True)),
+        "jax_5dev_len_dpa": ("jax", dict(dev=5, bucket=True, dpa=True)),
+        "jax_5dev_len_heads": ("jax", dict(dev=5, bucket=True, heads=True)),
     },
     2: {
         "torch_eager": ("torch", {}),
         "torch_compile": ("torch", {"compile": True}),
-        "jax_per_desc": ("jax", dict(dev=2, bucket=True, reuse="none")),
-        "jax_reuse_vision": ("jax", dict(dev=2, bucket=True, reuse="vision")),
-        "jax_reuse_vision_kv": ("jax", dict(dev=2, bucket=True, reuse="kv")),
+        "jax_per_desc": ("jax", dict(dev=5, bucket=True, reuse="none")),
+        "jax_reuse_vision": ("jax", dict(dev=5, bucket=True, reuse="vision")),
+        "jax_reuse_vision_kv": ("jax", dict(dev=5, bucket=True, reuse="kv")),
+        "jax_reuse_kv_2dev": ("jax", dict(dev=2, bucket=True, reuse="kv")),
         "jax_reuse_kv_1dev": ("jax", dict(dev=1, bucket=True, reuse="kv")),
     },
 }
 
-
 # What a plain run times (the ablations are available through --variants).
 DEFAULTS = {
-    1: ("torch_eager", "torch_compile", "jax_1dev", "jax_2dev", "jax_2dev_len"),
+    1: ("torch_eager", "torch_compile", "jax_1dev", "jax_2dev", "jax_2dev_len", "jax_5dev_len"),
     2: ("torch_eager", "torch_compile", "jax_per_desc", "jax_reuse_vision",
         "jax_reuse_vision_kv"),
 }
