@@ -1,6 +1,6 @@
 """Training-step cost at the B/16-224 configuration on this machine's CPU.
 
-  .venv/bin/python bench/bench_steps.py                       # all three steps (~10 min, 2 cores)
+  .venv/bin/python bench/bench_steps.py                       # all three steps (~7 min, 2 cores)
   .venv/bin/python bench/bench_steps.py --steps pretrain --batch 8 --runs 3
 
 For each step (pretraining B pairs; fine-tuning stages 1 and 2 on G groups of 10 images), in a

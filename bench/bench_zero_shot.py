@@ -1,6 +1,6 @@
 """Zero-shot IMAGECODE scoring speed: our JAX BLIP against the PyTorch reference, same run.
 
-  .venv/bin/python bench/bench_zero_shot.py                 # both benchmarks (~5 min on 2 cores)
+  .venv/bin/python bench/bench_zero_shot.py                 # both benchmarks (~15 min on 2 cores, ~20 with --memory)
   .venv/bin/python bench/bench_zero_shot.py --bench 1 --rounds 5 --variants torch_eager,jax_best
 
 Benchmark 1 - ten-candidate groups, one description per set (SPEC §7.2): each group is the 10
