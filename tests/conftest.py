@@ -26,3 +26,13 @@ def imagecode_dir():
 def _highest_matmul_precision():
   with jax.default_matmul_precision("highest"):
     yield
+
+
+@pytest.fixture(scope="module")
+def xla_optimisations_off():
+  """XLA optimisations off for a module whose small graphs are dominated by compile time
+  (`pytestmark = pytest.mark.usefixtures("xla_optimisations_off")`)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -17,13 +17,7 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """XLA optimisations off for this module: compile time dominates these small graphs."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("xla_optimisations_off")
 
 
 @pytest.fixture(scope="module")

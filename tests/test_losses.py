@@ -8,13 +8,7 @@ import pytest
 from contextblip_jax import losses
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """XLA optimisations off for this module: compile time dominates these small graphs."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("xla_optimisations_off")
 
 
 def _np_softmax(x, axis=-1):

@@ -14,13 +14,7 @@ TEXT_MASK = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0
 CONTENT = np.array([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0]], bool)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """XLA optimisations off for this module: compile time dominates these small graphs."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("xla_optimisations_off")
 
 
 def _attention(row_scores):

@@ -17,13 +17,7 @@ from contextblip_jax.models.variants import get_variant
 B, T, G, K = 4, 8, 2, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """XLA optimisations off for this module: compile time dominates these small graphs."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("xla_optimisations_off")
 
 
 def _config(**kw):
