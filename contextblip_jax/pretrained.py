@@ -17,13 +17,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from contextblip_jax.atomic_dir import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
 
 FORMAT = "contextblip_jax.pretrained/1"
@@ -47,10 +47,7 @@ def save_pretrained(out_dir: str, config: BlipConfig, params: dict[str, Any],
     raise FileExistsError(f"output directory already exists: {out_dir} (pass overwrite)")
   if "pretrained_blip" not in params:
     raise ValueError("params must hold a 'pretrained_blip' subtree")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(out_dir) as tmp:
     host = jax.tree.map(np.asarray, params)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), host)
@@ -58,12 +55,6 @@ def save_pretrained(out_dir: str, config: BlipConfig, params: dict[str, Any],
     meta = {"format": FORMAT, "model": config.to_dict(), "adapter": adapter, "source": source}
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 

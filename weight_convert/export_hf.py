@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
 from flax import traverse_util
 
+from contextblip_jax.atomic_dir import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
 from contextblip_jax.pretrained import load_pretrained
 from weight_convert import mapping
@@ -67,19 +66,10 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
   state = to_state_dict(params, config, "hf")
   log(f"[2/4] map: {len(state)} tensors in HF BlipForImageTextRetrieval layout")
   log(f"[3/4] check: ok: every parameter mapped ({sum(v.size for v in state.values()):,} values)")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(out) as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(config), f, indent=2, sort_keys=True)
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   log(f"[4/4] write: {out}")
   return out
 

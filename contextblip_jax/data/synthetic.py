@@ -45,14 +45,13 @@ import argparse
 import collections
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
+from contextblip_jax.atomic_dir import atomic_directory
 from contextblip_jax.data import synthetic_scenes as sc
 
 DEFAULTS = dict(
@@ -413,23 +412,9 @@ def generate(out_dir: str, seed: int = 0, overwrite: bool = False, **sizes) -> d
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
   t0 = time.perf_counter()
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(out_dir) as tmp:
     summary = _write_all(tmp, p)
-    os.chmod(tmp, 0o755)
-    if os.path.exists(out_dir):
-      trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-      os.rename(out_dir, os.path.join(trash, "old"))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   summary.update(out_dir=out_dir, seconds=round(time.perf_counter() - t0, 3))
   return summary
 

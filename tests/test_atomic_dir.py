@@ -1,0 +1,49 @@
+"""atomic_directory: a finished block replaces the directory; a failed one changes nothing."""
+
+import os
+
+import pytest
+
+from contextblip_jax.atomic_dir import atomic_directory
+
+
+def _tree(path):
+  return sorted(os.listdir(path))
+
+
+def test_new_directory_appears_only_when_complete(tmp_path):
+  out = tmp_path / "out"
+  with atomic_directory(str(out)) as tmp:
+    (tmp_path / "probe").write_text("x")
+    open(os.path.join(tmp, "a.txt"), "w").write("a")
+    assert not out.exists()                       # nothing at the target while writing
+  assert _tree(out) == ["a.txt"]
+  assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+  assert _tree(tmp_path) == ["out", "probe"]      # no temporary directories left
+
+
+def test_existing_directory_is_replaced_whole(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "old.txt").write_text("old")
+  with atomic_directory(str(out)) as tmp:
+    open(os.path.join(tmp, "new.txt"), "w").write("new")
+  assert _tree(out) == ["new.txt"]
+  assert _tree(tmp_path) == ["out"]
+
+
+def test_failure_leaves_existing_directory_and_no_temporaries(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "old.txt").write_text("old")
+  with pytest.raises(RuntimeError, match="boom"):
+    with atomic_directory(str(out)) as tmp:
+      open(os.path.join(tmp, "half.txt"), "w").write("half")
+      raise RuntimeError("boom")
+  assert _tree(out) == ["old.txt"] and (out / "old.txt").read_text() == "old"
+  assert _tree(tmp_path) == ["out"]
+  missing = tmp_path / "never"
+  with pytest.raises(KeyboardInterrupt):
+    with atomic_directory(str(missing)):
+      raise KeyboardInterrupt
+  assert not missing.exists() and _tree(tmp_path) == ["out"]
