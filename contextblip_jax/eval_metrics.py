@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from contextblip_jax.atomic_write import atomic_file
+
 CHANCE = 0.1   # 1 of 10 candidates
 TAG_NAMES = {  # IMAGECODE phenomenon tags (shared/imagecode/README.md)
     "con": "context", "t": "temporal", "q": "quantities", "s": "spatial", "neg": "negation",
@@ -120,10 +122,8 @@ def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:
 
 def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   """One JSON line per description with all ten scores; returns the number written."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   n = 0
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_file(path) as f:
     for r in records:
       scores = [float(s) for s in np.asarray(r["scores"], np.float64).reshape(-1)]
       line = {"set": r["set"], "index": int(r["index"]), "description": r["description"],
@@ -132,7 +132,6 @@ def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
               "pred": int(r["pred"]), "scores": scores}
       f.write(json.dumps(line) + "\n")
       n += 1
-  os.replace(tmp, path)
   return n
 
 

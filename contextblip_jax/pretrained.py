@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from contextblip_jax.atomic_dir import atomic_directory
+from contextblip_jax.atomic_write import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
 
 FORMAT = "contextblip_jax.pretrained/1"

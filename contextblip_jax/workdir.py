@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from contextblip_jax import checkpointing
+from contextblip_jax.atomic_write import atomic_file
 from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
 
@@ -190,10 +191,8 @@ def read_done(workdir: str) -> dict[str, Any] | None:
 def write_done(workdir: str, summary: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  tmp = os.path.join(workdir, DONE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_file(os.path.join(workdir, DONE)) as f:
     json.dump(summary, f, indent=1, sort_keys=True, default=_json_default)
-  os.replace(tmp, os.path.join(workdir, DONE))
 
 
 def _json_default(x):

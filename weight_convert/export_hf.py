@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
-from contextblip_jax.atomic_dir import atomic_directory
+from contextblip_jax.atomic_write import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
 from contextblip_jax.pretrained import load_pretrained
 from weight_convert import mapping

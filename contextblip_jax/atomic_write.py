@@ -1,4 +1,4 @@
-"""Writing a whole output directory so that a failure never leaves a partial one."""
+"""Writing an output file or directory so that a failure never leaves a partial one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import IO, Iterator
 
 
 @contextlib.contextmanager
@@ -35,4 +35,21 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
       os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+  """Yields a file open for writing beside `path` that replaces `path` when the block
+  finishes (os.replace); when the block raises it is removed and `path` is left as it was."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
     raise

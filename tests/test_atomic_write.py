@@ -1,10 +1,11 @@
-"""atomic_directory: a finished block replaces the directory; a failed one changes nothing."""
+"""atomic_directory, atomic_file: a finished block replaces the target; a failed one leaves
+it as it was."""
 
 import os
 
 import pytest
 
-from contextblip_jax.atomic_dir import atomic_directory
+from contextblip_jax.atomic_write import atomic_directory, atomic_file
 
 
 def _tree(path):
@@ -47,3 +48,17 @@ def test_failure_leaves_existing_directory_and_no_temporaries(tmp_path):
     with atomic_directory(str(missing)):
       raise KeyboardInterrupt
   assert not missing.exists() and _tree(tmp_path) == ["out"]
+
+
+def test_file_replaced_only_when_complete(tmp_path):
+  path = tmp_path / "sub" / "out.jsonl"
+  with atomic_file(str(path)) as f:
+    f.write("one\n")
+    assert not path.exists()                      # the target appears at the end
+  assert path.read_text() == "one\n"
+  with pytest.raises(ValueError, match="bad record"):
+    with atomic_file(str(path)) as f:
+      f.write("partial\n")
+      raise ValueError("bad record")
+  assert path.read_text() == "one\n"              # untouched by the failed write
+  assert _tree(path.parent) == ["out.jsonl"]      # and no .tmp left behind
