@@ -106,8 +106,9 @@ def _flops_variants(name, args, model, opt, mesh, batch, abstract) -> dict:
   """Lowered FLOPs that show where the backward pass runs (see the module doc)."""
   import jax
   import jax.numpy as jnp
-  from contextblip_jax import objectives, steps
-  from contextblip_jax import sharding as shd
+  from contextblip_jax.training import objectives
+  from contextblip_jax.training import steps
+  from contextblip_jax.parallel import sharding as shd
   from contextblip_jax.models.contextblip import ContextBlip, init_params
   objective, stage, rules, _, reduction = STEPS[name]
   loss_fn = functools.partial(objectives.LOSSES[objective], model=model, cfg=None, train=True)
@@ -145,8 +146,10 @@ def _shardings(abstract):
 
 def run_worker(name: str, args) -> dict:
   import jax
-  from contextblip_jax import objectives, optim, steps
-  from contextblip_jax import sharding as shd
+  from contextblip_jax.training import objectives
+  from contextblip_jax.training import optim
+  from contextblip_jax.training import steps
+  from contextblip_jax.parallel import sharding as shd
   from bench import common
   from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
   objective, stage, rules, opt_kind, reduction = STEPS[name]

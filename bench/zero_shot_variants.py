@@ -95,7 +95,7 @@ def _valid_descriptions() -> list[list[str]]:
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+  from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
   tok = BlipTokenizer()
   enc = tok([pre_caption_imagecode(t) for t in texts], max_length=common.TEXT_LENGTH)
   ids = enc["input_ids"].copy()

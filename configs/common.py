@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from contextblip_jax import optim
+from contextblip_jax.training import optim
 
 # Paper-scale data locations are placeholders: no default points at a real local file.
 MODES = ("backbone", "pretrain", "finetune1", "finetune2", "evaluate", "predict", "demo")
@@ -145,7 +145,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.model = model_config()
   c.data = data_config()
   c.train = train_config()
-  c.optim = optim.default_config("pretrain")  # optimizer (contextblip_jax/optim.py)
+  c.optim = optim.default_config("pretrain")  # optimizer (contextblip_jax/training/optim.py)
   c.objective = objective_config()
   c.eval = eval_config()
   c.freeze = [(".*", "train")]   # (regex over parameter paths, 'train' | 'freeze'), first wins

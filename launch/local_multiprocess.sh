@@ -6,7 +6,7 @@
 #       -- .venv/bin/python -m contextblip_jax.main --config configs/X.py:tiny --workdir runs/mp
 #
 # Every process gets the same command line; the coordinates come from the environment, which
-# contextblip_jax.distributed.initialize_distributed reads:
+# contextblip_jax.parallel.distributed.initialize_distributed reads:
 #   JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i
 #   XLA_FLAGS=--xla_force_host_platform_device_count=D  JAX_PLATFORMS=cpu
 # Each process runs under `timeout` (a process whose peer died would otherwise wait, then abort),

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from contextblip_jax.atomic_write import atomic_directory, atomic_file
+from contextblip_jax.storage.atomic import atomic_directory, atomic_file
 
 
 def _tree(path):

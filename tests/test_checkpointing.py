@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contextblip_jax import checkpointing
+from contextblip_jax.storage import checkpoints
 
 
 def _mesh_state():
@@ -34,15 +34,15 @@ def test_round_trip_restores_into_shardings_and_iterator(tmp_path):
   state, sh = _mesh_state()
   it = _iterator()
   next(it)
-  with checkpointing.Checkpointer(str(tmp_path), save_every=5) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path), save_every=5) as ckpt:
     assert not ckpt.save(3, state, it)            # off the interval
     assert ckpt.save(5, state, it, meta={"stage": "t", "epoch": 1})
     expected_next = next(it)                      # state was captured before this
     ckpt.wait()
     assert ckpt.latest_step() == 5
   it2 = _iterator()
-  with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
-    restored, meta = ckpt.restore(checkpointing.abstract_like(state), it2)
+  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+    restored, meta = ckpt.restore(checkpoints.abstract_like(state), it2)
   assert meta == {"stage": "t", "epoch": 1}
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
   assert restored["params"]["w"].sharding == sh
@@ -59,28 +59,28 @@ class _FailingIterator:
 
 def test_error_during_save_keeps_previous_step(tmp_path):
   state, _ = _mesh_state()
-  with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(1, state, _iterator(), force=True)
     ckpt.wait()
     with pytest.raises(RuntimeError, match="disk full"):
       ckpt.save(2, jax.tree.map(lambda x: x + 1, state), _FailingIterator(), force=True)
       ckpt.wait()
-  with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
+  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.latest_step() == 1
-    restored, _ = ckpt.restore(checkpointing.abstract_like(state))
+    restored, _ = ckpt.restore(checkpoints.abstract_like(state))
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
 
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import jax.numpy as jnp
-    from contextblip_jax import checkpointing
+    from contextblip_jax.storage import checkpoints
     class Hang:
       def get_state(self):
         open(sys.argv[2], "w").close()   # the save of step 2 is under way
         time.sleep(600)
     state = {"w": jnp.arange(1000.0)}
-    ckpt = checkpointing.Checkpointer(sys.argv[1])
+    ckpt = checkpoints.Checkpointer(sys.argv[1])
     ckpt.save(1, state, meta={"ok": 1}, force=True)
     ckpt.wait()
     ckpt.save(2, {"w": state["w"] + 1}, Hang(), force=True)
@@ -103,7 +103,7 @@ def test_kill_during_save_keeps_previous_step(tmp_path):
     if proc.poll() is None:
       proc.kill()
   assert any("tmp" in name for name in os.listdir(ckpt_dir))   # the half-written step 2
-  with checkpointing.Checkpointer(ckpt_dir) as ckpt:
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
     assert ckpt.latest_step() == 1
     restored, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((1000,), jnp.float32)})
   assert meta == {"ok": 1}
@@ -113,7 +113,7 @@ def test_kill_during_save_keeps_previous_step(tmp_path):
 
 def test_sigterm_guard_sets_flag_and_restores_handler():
   before = signal.getsignal(signal.SIGTERM)
-  with checkpointing.SigtermGuard() as guard:
+  with checkpoints.SigtermGuard() as guard:
     assert not guard.requested
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
@@ -123,11 +123,11 @@ def test_sigterm_guard_sets_flag_and_restores_handler():
 
 def test_save_and_load_params(tmp_path):
   params = {"a": np.ones((3, 2), np.float32), "b": {"c": np.arange(4, dtype=np.int32)}}
-  checkpointing.save_params(str(tmp_path / "p"), params, meta={"acc": 0.5})
-  checkpointing.save_params(str(tmp_path / "p"), jax.tree.map(lambda x: x * 2, params),
+  checkpoints.save_params(str(tmp_path / "p"), params, meta={"acc": 0.5})
+  checkpoints.save_params(str(tmp_path / "p"), jax.tree.map(lambda x: x * 2, params),
                             meta={"acc": 0.7})
-  loaded, meta = checkpointing.load_params(str(tmp_path / "p"))
+  loaded, meta = checkpoints.load_params(str(tmp_path / "p"))
   assert meta == {"acc": 0.7}
   np.testing.assert_array_equal(loaded["b"]["c"], 2 * np.arange(4))
   with pytest.raises(FileNotFoundError):
-    checkpointing.load_params(str(tmp_path / "missing"))
+    checkpoints.load_params(str(tmp_path / "missing"))

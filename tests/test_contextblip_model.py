@@ -56,7 +56,7 @@ def test_b16_parameter_counts(b16_abstract):
 
 @pytest.mark.slow
 def test_b16_objectives_trace(b16_abstract):
-  from contextblip_jax import objectives
+  from contextblip_jax.training import objectives
   c, boxed = b16_abstract
   m, p = ContextBlip(c), nn.unbox(boxed)
   sds = jax.ShapeDtypeStruct

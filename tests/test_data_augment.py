@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 from contextblip_jax.data import augment as A
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 from contextblip_jax.data import imagecode as ic
 
 VIDEO = "MSR-VTT-videoTrainValVideo_video1-shot1_0"

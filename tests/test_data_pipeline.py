@@ -8,13 +8,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 from contextblip_jax.data import imagecode as ic
 from contextblip_jax.data import pairs as pairs_lib
 from contextblip_jax.data import pipeline as P
 from contextblip_jax.data import synthetic
 from contextblip_jax.data import tfds_imagecode, tfds_pairs
-from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
 
 S = 16
 

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from contextblip_jax import distributed as dist
+from contextblip_jax.parallel import distributed as dist
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",

@@ -10,21 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contextblip_jax import eval_metrics, evaluate, objectives
-from contextblip_jax import workdir as wd
+from contextblip_jax.evaluation import accuracy
+from contextblip_jax.evaluation import loop as evaluate
+from contextblip_jax.training import objectives
+from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import imagecode
 from contextblip_jax.models.contextblip import ContextBlip
-from loop_fixtures import compilation_cache, make_data, make_export, tiny_eval_config
+from tests.helpers.loops import compilation_cache, make_data, make_export, tiny_eval_config
 
 
 # ------------------------------------------------------------------ scoring math
 
 def test_wilson_interval_known_values():
-  lo, hi = eval_metrics.wilson_interval(5, 10)
+  lo, hi = accuracy.wilson_interval(5, 10)
   assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-  lo, hi = eval_metrics.wilson_interval(0, 20)
+  lo, hi = accuracy.wilson_interval(0, 20)
   assert lo == 0.0 and 0.16 < hi < 0.17
-  assert eval_metrics.wilson_interval(0, 0) == (0.0, 1.0)
+  assert accuracy.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_accuracy_report_splits_and_tags():
@@ -33,26 +35,26 @@ def test_accuracy_report_splits_and_tags():
           dict(set="open-images-x", index=0, static=True, gold=3, pred=3),
           dict(set="t", index=0, static=True, gold=None, pred=4)]
   tags = {("a-video", 2): ["con", "t"], ("open-images-x", 3): ["con"]}
-  rep = eval_metrics.accuracy_report(recs, tags)
+  rep = accuracy.accuracy_report(recs, tags)
   assert rep["all"]["n"] == 3 and rep["all"]["correct"] == 2
   assert rep["video"]["acc"] == 0.5 and rep["static"]["acc"] == 1.0
   assert rep["tags"]["con"]["n"] == 2 and rep["tags"]["con"]["correct"] == 1
   assert rep["tags"]["t"]["correct"] == 0 and rep["unlabelled"] == 1
-  assert "chance 10%" in eval_metrics.format_report(rep, "x")
+  assert "chance 10%" in accuracy.format_report(rep, "x")
 
 
 def test_leaderboard_keeps_file_order_and_never_drops_a_description():
   expected = {"s2": ["x", "y"], "s1": ["z"]}
   recs = [dict(set="s1", index=0, pred=7), dict(set="s2", index=1, pred=3),
           dict(set="s2", index=0, pred=5)]
-  board = eval_metrics.leaderboard(recs, expected)
+  board = accuracy.leaderboard(recs, expected)
   assert list(board) == ["s2", "s1"] and board == {"s2": [5, 3], "s1": [7]}
   with pytest.raises(ValueError, match="no prediction for set 's2' description 1"):
-    eval_metrics.leaderboard(recs[:1] + recs[2:], expected)
+    accuracy.leaderboard(recs[:1] + recs[2:], expected)
   with pytest.raises(ValueError, match="not in the test file"):
-    eval_metrics.leaderboard(recs + [dict(set="s3", index=0, pred=1)], expected)
+    accuracy.leaderboard(recs + [dict(set="s3", index=0, pred=1)], expected)
   with pytest.raises(ValueError, match="duplicate"):
-    eval_metrics.leaderboard(recs + recs[:1], expected)
+    accuracy.leaderboard(recs + recs[:1], expected)
 
 
 # ------------------------------------------------------------------ the loop
@@ -81,7 +83,7 @@ def test_scores_reuse_vision_and_match_per_description_scoring(setup):
   by_key = {(r["set"], r["index"]): r for r in recs}
   s = next(s for s in split.sets if len(s.example_indices) >= 2)
   images = imagecode.load_candidates(s.image_paths, 32)[None]
-  from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+  from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
   tok = BlipTokenizer()
   for i in s.example_indices:
     e = split.examples[i]
@@ -98,7 +100,7 @@ def test_evaluate_and_predict_write_every_description(setup):
   rep = _run(tiny_eval_config(data, setup["export"], num_devices=0), root / "ev")   # 8 devices
   with open(os.path.join(data, "valid_data.json")) as f:
     n_valid = sum(len(v) for v in json.load(f).values())
-  lines = eval_metrics.read_predictions(rep["files"]["predictions"])
+  lines = accuracy.read_predictions(rep["files"]["predictions"])
   assert len(lines) == n_valid == rep["all"]["n"]
   assert all(len(r["scores"]) == 10 and r["pred"] == int(np.argmax(r["scores"]))
              for r in lines)
@@ -230,7 +232,7 @@ def test_skip_mode_counts_and_keeps_every_description_in_predictions(setup):
   total = sum(len(v) for v in valid.values())
   assert rep["skipped_descriptions"] == expected_skipped
   assert rep["all"]["n"] == total - expected_skipped
-  lines = eval_metrics.read_predictions(rep["files"]["predictions"])
+  lines = accuracy.read_predictions(rep["files"]["predictions"])
   assert len(lines) == total
   skipped = [r for r in lines if r["pred"] is None]
   assert len(skipped) == expected_skipped and all(r["skipped"] for r in skipped)
@@ -239,7 +241,7 @@ def test_skip_mode_counts_and_keeps_every_description_in_predictions(setup):
 
 
 def test_missing_head_parameters_are_named(setup, tmp_path):
-  from loop_fixtures import random_params, tiny_model_config
+  from tests.helpers.loops import random_params, tiny_model_config
   mc = tiny_model_config()
   params = random_params(mc, "zero_shot")
   wd.export_params(str(tmp_path / "pt"), params, "pretrain", mc)

@@ -1,11 +1,11 @@
-"""Loss functions (contextblip_jax/losses.py) against direct NumPy computations."""
+"""Loss functions (contextblip_jax/training/losses.py) against direct NumPy computations."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contextblip_jax import losses
+from contextblip_jax.training import losses
 
 
 pytestmark = pytest.mark.usefixtures("xla_optimisations_off")

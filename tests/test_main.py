@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from configs import common
-from contextblip_jax import demo, main
-from loop_fixtures import compilation_cache, make_data, make_export
+from contextblip_jax.run import demo
+from contextblip_jax.run import cli as main
+from tests.helpers.loops import compilation_cache, make_data, make_export
 
 CONFIGS = ("backbone", "pretrain", "finetune_stage1", "finetune_stage2", "evaluate",
            "zeroshot", "demo")

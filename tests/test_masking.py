@@ -1,11 +1,11 @@
-"""TMIM mask selection (contextblip_jax/masking.py, SPEC §4.1-4.4)."""
+"""TMIM mask selection (contextblip_jax/training/masking.py, SPEC §4.1-4.4)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contextblip_jax.masking import (content_token_mask, num_masked, patch_scores,
+from contextblip_jax.training.masking import (content_token_mask, num_masked, patch_scores,
                                      select_masked_patches)
 
 B, L, H, T, P = 3, 2, 2, 6, 16

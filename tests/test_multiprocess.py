@@ -66,7 +66,7 @@ PROBE = """
 import json, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from contextblip_jax import distributed as dist
+from contextblip_jax.parallel import distributed as dist
 plan = dist.initialize_distributed()
 mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 sh = NamedSharding(mesh, P("data"))

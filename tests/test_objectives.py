@@ -1,4 +1,4 @@
-"""Per-stage objectives (contextblip_jax/objectives.py) on a small config: finite losses, the
+"""Per-stage objectives (contextblip_jax/training/objectives.py) on a small config: finite losses, the
 gradient reaches what trains and not what the reference runs under no_grad, eval scores."""
 
 import dataclasses
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contextblip_jax import objectives as O
+from contextblip_jax.training import objectives as O
 from contextblip_jax.models.blip import Blip
 from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
 from contextblip_jax.models.variants import get_variant

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from contextblip_jax import optim
+from contextblip_jax.training import optim
 
 
 def test_pretrain_schedule_warmup_truncated_at_epoch_boundary():

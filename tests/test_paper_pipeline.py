@@ -15,12 +15,13 @@ with the tiny configs (':tiny') and a few generated images in the IMAGECODE layo
 import json
 import os
 
-import torch_reference as tr
+from tests.helpers import torch_reference as tr
 from configs import evaluate as evaluate_config
 from configs import finetune_stage1, finetune_stage2, pretrain, zeroshot
-from contextblip_jax import eval_metrics, main
-from contextblip_jax import workdir as wd
-from loop_fixtures import compilation_cache, make_data
+from contextblip_jax.evaluation import accuracy
+from contextblip_jax.run import cli as main
+from contextblip_jax.storage import workdir as wd
+from tests.helpers.loops import compilation_cache, make_data
 from weight_convert.__main__ import main as convert_main
 
 
@@ -80,8 +81,8 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
     test = json.load(f)
   with open(pred["files"]["leaderboard"]) as f:
     board = json.load(f)
-  assert board == eval_metrics.leaderboard(
-      eval_metrics.read_predictions(pred["files"]["predictions"]), test)
+  assert board == accuracy.leaderboard(
+      accuracy.read_predictions(pred["files"]["predictions"]), test)
   assert [len(v) for v in board.values()] == [len(v) for v in test.values()]
 
 

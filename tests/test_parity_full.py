@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as tr
+from tests.helpers import torch_reference as tr
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.pretrained import load_pretrained
+from contextblip_jax.storage.param_dir import load_pretrained
 from weight_convert import convert
 
 TOLS = {"itm": 1e-6, "sim": 1e-6, "image_embeds": 2e-5, "mm": 2e-5, "txt": 2e-5}

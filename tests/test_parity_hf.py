@@ -21,11 +21,11 @@ import pytest
 import torch
 from transformers import BlipForImageTextRetrieval
 
-import torch_reference as tr
+from tests.helpers import torch_reference as tr
 from contextblip_jax.models import layers
 from contextblip_jax.models.bert import SELF_MASK_VALUE
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.pretrained import load_pretrained
+from contextblip_jax.storage.param_dir import load_pretrained
 from weight_convert import convert, export_hf
 
 TOL = 1e-5

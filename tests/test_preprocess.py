@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from contextblip_jax import preprocess as pp
+from contextblip_jax.data import preprocess as pp
 
 
 def _photo(h=45, w=70, seed=0):

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoint_fixtures import make_tiny_checkpoint
-from contextblip_jax import preprocess, score
+from tests.helpers.checkpoints import make_tiny_checkpoint
+from contextblip_jax.data import preprocess
+from contextblip_jax.evaluation import scorer as score
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip, ENC_TOKEN_ID
-from contextblip_jax.pretrained import load_pretrained
-from contextblip_jax.tokenizer import BlipTokenizer
+from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.data.tokenizer import BlipTokenizer
 
 TEXT = "The dog, on the LEFT-hand side; is jumping!"
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from contextblip_jax import sharding as shd
-from contextblip_jax import steps
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.training import steps
 from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
 

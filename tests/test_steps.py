@@ -20,13 +20,15 @@ import optax
 import pytest
 from flax import traverse_util
 
-from contextblip_jax import objectives, optim, steps
-from contextblip_jax import sharding as shd
+from contextblip_jax.training import objectives
+from contextblip_jax.training import optim
+from contextblip_jax.training import steps
+from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
                                                 stage_param_names)
 from contextblip_jax.models.variants import get_variant
-from contextblip_jax.train_state import (TrainState, merge_params, partition_params,
+from contextblip_jax.training.train_state import (TrainState, merge_params, partition_params,
                                          trainable_paths)
 
 FAST = {"xla_backend_optimization_level": 0}

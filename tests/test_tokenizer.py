@@ -9,8 +9,8 @@ import pytest
 from transformers import BertTokenizer
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from contextblip_jax import tokenizer as tk
-from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_blip, pre_caption_imagecode
+from contextblip_jax.data import tokenizer as tk
+from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_blip, pre_caption_imagecode
 
 
 def _blip_reference(cls, **kw):

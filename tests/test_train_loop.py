@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
-from checkpoint_fixtures import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint
 from configs import finetune_stage1
-from contextblip_jax import train
-from contextblip_jax import workdir as wd
-from loop_fixtures import compilation_cache, make_data
+from contextblip_jax.run import train
+from contextblip_jax.storage import workdir as wd
+from tests.helpers.loops import compilation_cache, make_data
 
 N = 4   # steps; checkpoints every N/2
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as tr
+from tests.helpers import torch_reference as tr
 from contextblip_jax.models.variants import get_variant
-from contextblip_jax.pretrained import load_pretrained
+from contextblip_jax.storage.param_dir import load_pretrained
 from weight_convert import (ConversionError, UnsafeCheckpointError, abstract_params, convert,
                             export_hf, load_source, mapping, resample_pos_embed, to_flax)
 from weight_convert.__main__ import main
@@ -223,7 +223,7 @@ def test_unexpected_missing_and_misshaped_keys_are_all_named_and_nothing_written
 
 
 def test_failed_write_leaves_nothing_behind(files, tmp_path, monkeypatch):
-  import contextblip_jax.pretrained as pretrained
+  import contextblip_jax.storage.param_dir as pretrained
   def broken_copy(*a, **k):
     raise OSError("disk full (simulated)")
   monkeypatch.setattr(pretrained.shutil, "copyfile", broken_copy)

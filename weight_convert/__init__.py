@@ -3,7 +3,7 @@
 Import (`convert`): an original Salesforce BLIP `.pth` (model_base.pth, model_base_14M.pth,
 model_base_retrieval_coco.pth; ContextBLIP checkpoints with `pretrained_blip.` keys and the
 multi-scale adapter) or a Hugging Face `BlipForImageTextRetrieval` directory -> a converted
-directory (`contextblip_jax.pretrained`: Orbax params, config.json, vocab.txt).
+directory (`contextblip_jax.storage.param_dir`: Orbax params, config.json, vocab.txt).
 Export (`export_hf`, `export_checkpoint`): our parameters -> a HF directory (config.json +
 model.safetensors) that `BlipForImageTextRetrieval.from_pretrained` loads.
 

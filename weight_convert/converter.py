@@ -8,7 +8,7 @@ Stages (each logs one progress line):
             mapping.py (`map_source`).
   3. check  every source key is used or in a named ignored group; any missing, unexpected or
             mis-shaped key raises `ConversionError` naming all of them (`MappingReport.check`).
-  4. write  `contextblip_jax.pretrained.save_pretrained` (temp dir + rename: a failure leaves
+  4. write  `contextblip_jax.storage.param_dir.save_pretrained` (temp dir + rename: a failure leaves
             nothing behind).
 
   convert("model_base.pth", "ckpt/blip_base")                  # -> absolute path of the dir
@@ -30,15 +30,14 @@ from flax import traverse_util
 
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
+from contextblip_jax.data.tokenizer import VOCAB_PATH
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.pretrained import save_pretrained
+from contextblip_jax.storage.param_dir import save_pretrained
 from weight_convert import mapping
 from weight_convert.infer_config import (adapter_from_source, config_from_hf,
                                          config_from_original)
 from weight_convert.loaders import ConversionError, SourceState, load_source
 
-VOCAB_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "contextblip_jax", "assets", "bert-base-uncased-vocab.txt")
 Log = Callable[[str], None]
 
 
@@ -209,7 +208,7 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
 
   Args:
     src: checkpoint file ('original') or HF BlipForImageTextRetrieval directory ('hf').
-    out: output directory (contextblip_jax.pretrained layout); must not exist unless overwrite.
+    out: output directory (contextblip_jax.storage.param_dir layout); must not exist unless overwrite.
     fmt: 'auto' | 'original' | 'hf'.
     image_size: target resolution; position embeddings are resampled if it differs.
     vision_heads, text_heads: head counts for original checkpoints (default width // 64).

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
-from contextblip_jax.atomic_write import atomic_directory
+from contextblip_jax.storage.atomic import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.pretrained import load_pretrained
+from contextblip_jax.storage.param_dir import load_pretrained
 from weight_convert import mapping
 from weight_convert.converter import abstract_params
 from weight_convert.infer_config import hf_config_dict
@@ -76,7 +76,7 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
 
 def export_checkpoint(ckpt_dir: str, out: str, overwrite: bool = False,
                       log: Log | None = None) -> str:
-  """A converted directory (contextblip_jax.pretrained) -> HF directory `out`."""
+  """A converted directory (contextblip_jax.storage.param_dir) -> HF directory `out`."""
   log = log or (lambda s: None)
   pre = load_pretrained(ckpt_dir)
   log(f"[1/4] load: converted checkpoint {ckpt_dir}")

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 
 MAX_LEVEL = 10
 FILL = (128, 128, 128)

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from contextblip_jax.data import imagecode, pairs, pipeline, synthetic
-from contextblip_jax.tokenizer import BlipTokenizer
+from contextblip_jax.data.tokenizer import BlipTokenizer
 
 
 def _rate(pipe, batches: int, per_batch: int) -> float:

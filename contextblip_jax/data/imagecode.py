@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import logging
 import os
 from typing import Sequence
 
-from contextblip_jax import preprocess
-from contextblip_jax.tokenizer import pre_caption_blip
+from contextblip_jax.data import preprocess
+from contextblip_jax.data.tokenizer import pre_caption_blip
 
 log = logging.getLogger(__name__)
 

@@ -58,11 +58,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from contextblip_jax import preprocess
+from contextblip_jax.data import preprocess
 from contextblip_jax.data import augment
 from contextblip_jax.data.imagecode import NUM_CANDIDATES, ImagecodeSplit
 from contextblip_jax.data.pairs import PairExample, PairsData
-from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
 
 
 # --------------------------------------------------------------------------- sources

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from contextblip_jax.atomic_write import atomic_directory
+from contextblip_jax.storage.atomic import atomic_directory
 from contextblip_jax.data import synthetic_scenes as sc
 
 DEFAULTS = dict(

@@ -1,6 +1,6 @@
 """Shared building blocks: partitioned Dense/LayerNorm, attention, initialisers.
 
-Every parameter carries logical axis names (see `contextblip_jax/sharding.py` for the rules that
+Every parameter carries logical axis names (see `contextblip_jax/parallel/sharding.py` for the rules that
 map them to mesh axes). LayerNorm statistics and softmax run in float32 whatever `dtype` is.
 """
 

@@ -1,9 +1,9 @@
 """Reusable test helper: a converted-checkpoint directory holding a random tiny BLIP.
 
-  from checkpoint_fixtures import make_tiny_checkpoint
+  from tests.helpers.checkpoints import make_tiny_checkpoint
   ckpt_dir = make_tiny_checkpoint(tmp_path, with_adapter=True)
 
-The directory is written with `contextblip_jax.pretrained.save_pretrained` (config.json, params/,
+The directory is written with `contextblip_jax.storage.param_dir.save_pretrained` (config.json, params/,
 vocab.txt = the packaged bert-base-uncased vocabulary), so every command that reads a converted
 checkpoint can be exercised without real weights.
 """
@@ -20,13 +20,13 @@ import numpy as np
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
 from contextblip_jax.models.variants import get_variant
-from contextblip_jax.pretrained import save_pretrained
-from contextblip_jax.tokenizer import VOCAB_PATH
+from contextblip_jax.storage.param_dir import save_pretrained
+from contextblip_jax.data.tokenizer import VOCAB_PATH
 
 TINY_ADAPTER = {"taps": [2, 4], "reduction": 2}   # the tiny ViT has 4 blocks
 
 
-def _random_like(abstract, rng: np.random.Generator):
+def random_like(abstract, rng: np.random.Generator):
   """NumPy random values for an abstract parameter tree (no XLA compilation of `init`).
 
   LayerNorm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.02), everything else ~ N(0, 0.05).
@@ -55,7 +55,7 @@ def tiny_params(config, with_adapter: bool = False, seed: int = 0, adapter=None)
   abstract = jax.eval_shape(
       lambda k, p, i: nn.unbox(Blip(config).init(k, p, i, i))["params"],
       jax.random.key(0), px, ids)
-  params = {"pretrained_blip": _random_like(abstract, np.random.default_rng(seed))}
+  params = {"pretrained_blip": random_like(abstract, np.random.default_rng(seed))}
   if with_adapter:
     adapter = adapter or TINY_ADAPTER
     m = MultiScaleAdapter(width=config.vision.width, taps=tuple(adapter["taps"]),
@@ -65,7 +65,7 @@ def tiny_params(config, with_adapter: bool = False, seed: int = 0, adapter=None)
     abstract = jax.eval_shape(
         lambda k, x: nn.unbox(m.init(k, x, [x] * config.vision.depth))["params"],
         jax.random.key(0), x)
-    params["vision_adapter"] = _random_like(abstract, np.random.default_rng(seed + 1000))
+    params["vision_adapter"] = random_like(abstract, np.random.default_rng(seed + 1000))
   return params
 
 

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contextblip_jax import masking, preprocess
+from contextblip_jax.training import masking
+from contextblip_jax.data import preprocess
 from contextblip_jax.data import imagecode
 from contextblip_jax.models.contextblip import ContextBlip
-from contextblip_jax.tokenizer import BlipTokenizer, pre_caption_imagecode
+from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
 
 
 @functools.partial(jax.jit, static_argnames=("model", "mask_ratio"))

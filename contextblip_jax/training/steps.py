@@ -51,9 +51,9 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from contextblip_jax import sharding as shd
-from contextblip_jax.optim import Optimizer
-from contextblip_jax.train_state import (FreezeRules, TrainState, merge_params,
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.training.optim import Optimizer
+from contextblip_jax.training.train_state import (FreezeRules, TrainState, merge_params,
                                          partition_params)
 
 # Metrics that are sums over the examples of a batch (summed over micro-batches, not averaged).

@@ -26,8 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from contextblip_jax import checkpointing
-from contextblip_jax.atomic_write import atomic_file
+from contextblip_jax.storage import checkpoints
+from contextblip_jax.storage.atomic import atomic_file
 from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
 
@@ -61,7 +61,7 @@ def is_converted_dir(path: str) -> bool:
     return False
   with open(cfg, encoding="utf-8") as f:
     try:
-      return str(json.load(f).get("format", "")).startswith("contextblip_jax.pretrained")
+      return str(json.load(f).get("format", "")).startswith("contextblip_jax.storage.param_dir")
     except json.JSONDecodeError:
       return False
 
@@ -70,7 +70,7 @@ def load_init(path: str) -> InitSource:
   """Reads a converted BLIP directory or a stage workdir (its export/)."""
   path = os.path.abspath(path)
   if is_converted_dir(path):
-    from contextblip_jax.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
+    from contextblip_jax.storage.param_dir import load_pretrained  # pylint: disable=g-import-not-at-top
     p = load_pretrained(path)
     return InitSource(path, dict(p.params), None, p.config, p.adapter,
                       {"stage": "converted", "source": p.source})
@@ -78,7 +78,7 @@ def load_init(path: str) -> InitSource:
   if not os.path.isdir(export):
     raise FileNotFoundError(f"{path}: neither a converted checkpoint (config.json) nor a stage "
                             f"workdir (export/)")
-  params, meta = checkpointing.load_params(export)
+  params, meta = checkpoints.load_params(export)
   if "model" not in meta:
     raise ValueError(f"{export}: exported parameters carry no model config")
   model = ContextBlipConfig.from_dict(meta["model"])
@@ -175,7 +175,7 @@ def export_params(workdir: str, params: Any, stage: str, model: ContextBlipConfi
                   **meta: Any) -> str:
   """Writes <workdir>/export (parameters + meta) synchronously; returns its path."""
   path = os.path.join(workdir, EXPORT)
-  checkpointing.save_params(path, params, meta={"stage": stage, "model": model.to_dict(),
+  checkpoints.save_params(path, params, meta={"stage": stage, "model": model.to_dict(),
                                                 "time": time.time(), **meta})
   return path
 

@@ -30,13 +30,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from contextblip_jax import checkpointing, distributed, objectives, optim, steps
-from contextblip_jax import evaluate as ev
-from contextblip_jax import sharding as shd
-from contextblip_jax import workdir as wd
+from contextblip_jax.storage import checkpoints
+from contextblip_jax.parallel import distributed
+from contextblip_jax.training import objectives
+from contextblip_jax.training import optim
+from contextblip_jax.training import steps
+from contextblip_jax.evaluation import loop as ev
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import pairs as pairs_reader
 from contextblip_jax.data import pipeline
-from contextblip_jax.metrics import MetricWriter, Progress
+from contextblip_jax.storage.metric_writers import MetricWriter, Progress
 from contextblip_jax.models.contextblip import ContextBlip, init_params
 
 TRAIN_STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
@@ -165,7 +169,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   abstract, state_sh, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=freeze,
                                                      mesh=mesh, rules=rules)
   data_iter = iter(data)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, wd.CKPT),
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, wd.CKPT),
                                     save_every=cfg.train.save_every,
                                     max_to_keep=cfg.train.keep_checkpoints)
   meta: dict[str, Any] = {"best_acc": -1.0, "best_step": -1}
@@ -201,7 +205,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   logged: list[dict] = []
   preempted = False
   try:
-    with checkpointing.SigtermGuard() as guard:
+    with checkpoints.SigtermGuard() as guard:
       for step in range(start, total):
         batch = distributed.global_batch(next(data_iter), batch_sh)
         state, metrics = step_fn(state, batch)
@@ -307,7 +311,7 @@ def _finish(cfg, workdir, model, stage, state, evaluator, writer, meta, total
       wd.export_params(workdir, state.params, stage, model.config, step=total, valid_acc=acc)
     out["best_valid_acc"], out["best_step"] = meta.get("best_acc"), meta.get("best_step")
     if cfg.eval.visualize and jax.process_index() == 0:
-      from contextblip_jax import visualize  # pylint: disable=g-import-not-at-top
+      from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
       params = ev.head_params(state.params, model, evaluator.head)
       out["figures"] = visualize.attention_figures(
           model, params, evaluator.split,

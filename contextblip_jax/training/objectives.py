@@ -34,8 +34,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from contextblip_jax import losses
-from contextblip_jax.masking import select_masked_patches
+from contextblip_jax.training import losses
+from contextblip_jax.training.masking import select_masked_patches
 from contextblip_jax.models.blip import l2_normalize
 from contextblip_jax.models.contextblip import ContextBlip
 from contextblip_jax.models.mask_decoder import gather_tokens

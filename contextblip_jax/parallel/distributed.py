@@ -430,7 +430,7 @@ def make_hybrid_mesh(ici: Mapping[str, int], dcn: Mapping[str, int],
   -1 for "the rest". Single-slice and single-node meshes should use `sharding.make_mesh`.
   """
   from jax.experimental import mesh_utils
-  from contextblip_jax import sharding
+  from contextblip_jax.parallel import sharding
   devices = list(jax.devices() if devices is None else devices)
   slices = {getattr(d, "slice_index", None) for d in devices}
   by_process = len(slices) <= 1 or None in slices

@@ -20,10 +20,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from contextblip_jax import eval_metrics
-from contextblip_jax import evaluate as ev
-from contextblip_jax import train
-from contextblip_jax import workdir as wd
+from contextblip_jax.evaluation import accuracy
+from contextblip_jax.evaluation import loop as ev
+from contextblip_jax.run import train
+from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import synthetic
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
@@ -94,7 +94,7 @@ def _one_line(name: str, report: dict[str, Any]) -> str:
   extra = f", context (con) {100 * con['acc']:.1f}%" if con else ""
   return (f"[demo] {name}: valid accuracy {100 * e['acc']:.1f}% "
           f"[{100 * e['ci95'][0]:.1f}, {100 * e['ci95'][1]:.1f}] vs chance "
-          f"{100 * eval_metrics.CHANCE:.0f}%{extra}")
+          f"{100 * accuracy.CHANCE:.0f}%{extra}")
 
 
 def _predict(cfg, data_dir: str, workdir: str) -> dict[str, Any]:
@@ -122,9 +122,9 @@ def table(summary: dict[str, Any]) -> str:
   """Markdown table: valid accuracy (%) with 95% Wilson CIs per stage, chance 10%."""
   head = ("| model (valid split) | all | video | static | context (con) | temporal (t) |\n"
           "|---|---|---|---|---|---|\n")
-  rows = [f"| chance | {100 * eval_metrics.CHANCE:.1f} | {100 * eval_metrics.CHANCE:.1f} | "
-          f"{100 * eval_metrics.CHANCE:.1f} | {100 * eval_metrics.CHANCE:.1f} | "
-          f"{100 * eval_metrics.CHANCE:.1f} |"]
+  rows = [f"| chance | {100 * accuracy.CHANCE:.1f} | {100 * accuracy.CHANCE:.1f} | "
+          f"{100 * accuracy.CHANCE:.1f} | {100 * accuracy.CHANCE:.1f} | "
+          f"{100 * accuracy.CHANCE:.1f} |"]
   for name, label in ROWS:
     r = summary.get(name, {}).get("valid")
     if not r:

@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from contextblip_jax import distributed, eval_metrics, objectives
-from contextblip_jax import sharding as shd
-from contextblip_jax import workdir as wd
+from contextblip_jax.parallel import distributed
+from contextblip_jax.evaluation import accuracy
+from contextblip_jax.training import objectives
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import imagecode, pipeline
-from contextblip_jax.metrics import MetricWriter, Progress
+from contextblip_jax.storage.metric_writers import MetricWriter, Progress
 from contextblip_jax.models.contextblip import ContextBlip, init_params
 
 HEADS = ("zero_shot", "stage1", "stage2")
@@ -214,7 +216,7 @@ def summarize(records: Sequence[dict[str, Any]], split: imagecode.ImagecodeSplit
   """eval_metrics report over the scored records + skipped counts."""
   scored = [r for r in records if r.get("pred") is not None]
   tags = split.tags_by_gold() if any(e.tags for e in split.examples) else None
-  report = eval_metrics.accuracy_report(scored, tags)
+  report = accuracy.accuracy_report(scored, tags)
   report["skipped_descriptions"] = len(records) - len(scored)
   report["skipped_entries"] = len(split.skipped)
   return report
@@ -236,14 +238,14 @@ def write_outputs(out_dir: str, name: str, records: list[dict[str, Any]],
     with open(split.source, encoding="utf-8") as f:
       expected = json.load(f)
     files["leaderboard"] = os.path.join(out_dir, f"{name}.leaderboard.json")
-    eval_metrics.write_leaderboard(files["leaderboard"],
+    accuracy.write_leaderboard(files["leaderboard"],
                                    [r for r in records if r.get("pred") is not None], expected)
   return files
 
 
 def _write_predictions(path: str, records: list[dict[str, Any]]) -> None:
   scored = [r for r in records if r.get("pred") is not None]
-  eval_metrics.write_predictions(path, scored)
+  accuracy.write_predictions(path, scored)
   skipped = [r for r in records if r.get("pred") is None]
   if skipped:
     with open(path, "a", encoding="utf-8") as f:
@@ -253,7 +255,7 @@ def _write_predictions(path: str, records: list[dict[str, Any]]) -> None:
 
 def log_report(report: dict[str, Any], name: str, writer: MetricWriter | None = None,
                step: int = 0) -> None:
-  text = eval_metrics.format_report(report, name)
+  text = accuracy.format_report(report, name)
   distributed.log_main("%s", text)
   if writer is not None:
     scalars = {f"{name}/acc_{k}": report[k]["acc"] for k in ("all", "video", "static")
@@ -306,7 +308,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with MetricWriter(workdir, stage=cfg.mode) as writer:
     report = evaluate_split(evaluator, params, split, out_dir, name, writer)
   if cfg.eval.visualize and split.labelled:
-    from contextblip_jax import visualize  # pylint: disable=g-import-not-at-top
+    from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
     report["figures"] = visualize.attention_figures(
         model, params, split, os.path.join(out_dir, f"{name}_attention"),
         num_sets=cfg.eval.visualize, max_length=cfg.data.max_length)

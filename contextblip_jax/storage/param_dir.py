@@ -2,7 +2,7 @@
 
 Layout of DIR:
   config.json   {"model": BlipConfig dict, "adapter": {taps, reduction} or null,
-                 "source": str, "format": "contextblip_jax.pretrained/1"}
+                 "source": str, "format": "contextblip_jax.storage.param_dir/1"}
   params/       Orbax checkpoint of the parameter tree
                 {"pretrained_blip": Blip params, ["vision_adapter": adapter params]}
   vocab.txt     the WordPiece vocabulary the ids were made with
@@ -23,10 +23,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from contextblip_jax.atomic_write import atomic_directory
+from contextblip_jax.storage.atomic import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
 
-FORMAT = "contextblip_jax.pretrained/1"
+FORMAT = "contextblip_jax.storage.param_dir/1"
 
 
 @dataclasses.dataclass

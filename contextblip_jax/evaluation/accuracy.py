@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from contextblip_jax.atomic_write import atomic_file
+from contextblip_jax.storage.atomic import atomic_file
 
 CHANCE = 0.1   # 1 of 10 candidates
 TAG_NAMES = {  # IMAGECODE phenomenon tags (shared/imagecode/README.md)

@@ -16,9 +16,9 @@ import tempfile
 import jax
 import numpy as np
 
-from checkpoint_fixtures import _random_like
+from tests.helpers.checkpoints import random_like
 from configs import evaluate as evaluate_config
-from contextblip_jax import workdir as wd
+from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import synthetic
 from contextblip_jax.models.contextblip import ContextBlip, init_params
 
@@ -41,7 +41,7 @@ def random_params(model_cfg, stage: str = "finetune", seed: int = 0):
   model = ContextBlip(model_cfg)
   abstract = jax.eval_shape(lambda r: init_params(model, r, stage), jax.random.PRNGKey(0))
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return _random_like(nn.unbox(abstract), np.random.default_rng(seed))
+  return random_like(nn.unbox(abstract), np.random.default_rng(seed))
 
 
 def make_export(workdir, stage: str = "finetune2", seed: int = 0) -> str:

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: random tiny checkpoints, loop configs, the PyTorch reference."""
