@@ -6,8 +6,8 @@
 For each step (pretraining B pairs; fine-tuning stages 1 and 2 on G groups of 10 images), in a
 fresh process of its own (so that its peak RSS is its own): random-init parameters built
 shape-first by `steps.init_train_state`, the jitted step compiled ahead of time by
-`steps.compile_step`, one warm-up step, then the median of `--runs` timed steps. Printed: compile
-time, step time, XLA's FLOPs per step (cost_analysis of the compiled program), achieved FLOP/s
+`compilation.compile_step`, one warm-up step, then the median of `--runs` timed steps. Printed:
+compile time, step time, XLA's FLOPs per step (cost_analysis of the compiled program), achieved FLOP/s
 and its fraction of this machine's float32 matmul peak (a large jnp.dot measured in the same
 run), XLA's memory_analysis (arguments / outputs / temporaries) and the process's peak RSS.
 
@@ -107,7 +107,7 @@ def _flops_variants(name, args, model, opt, mesh, batch, abstract) -> dict:
   import jax
   import jax.numpy as jnp
   from contextblip_jax.training import objectives
-  from contextblip_jax.training import steps
+  from contextblip_jax.training import masking, steps
   from contextblip_jax.parallel import sharding as shd
   from contextblip_jax.models.contextblip import ContextBlip, init_params
   objective, stage, rules, _, reduction = STEPS[name]
@@ -121,8 +121,8 @@ def _flops_variants(name, args, model, opt, mesh, batch, abstract) -> dict:
     c = model.config
     out["lowered_forward"] = _lowered_flops(jax.jit(lambda p, b, r: loss_fn(p, b, r)[0]),
                                             params, batch, jax.random.PRNGKey(0))
-    visible = jnp.broadcast_to(jnp.arange(c.num_masked, c.num_patches),
-                               (args.batch, c.num_patches - c.num_masked))
+    m = masking.num_masked(masking.DEFAULT_MASK_RATIO, c.num_patches)
+    visible = jnp.broadcast_to(jnp.arange(m, c.num_patches), (args.batch, c.num_patches - m))
     out["lowered_vit_forwards"] = (
         _lowered_flops(jax.jit(functools.partial(model.apply, method=ContextBlip.encode_image)),
                        {"params": params}, batch["image"]) +
@@ -149,6 +149,7 @@ def run_worker(name: str, args) -> dict:
   from contextblip_jax.training import objectives
   from contextblip_jax.training import optim
   from contextblip_jax.training import steps
+  from contextblip_jax.parallel import compilation
   from contextblip_jax.parallel import sharding as shd
   from bench import common
   from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
@@ -176,7 +177,7 @@ def run_worker(name: str, args) -> dict:
   loss_fn = functools.partial(objectives.LOSSES[objective], model=model, cfg=None, train=True)
   bsh = shd.batch_shardings(batch, mesh)
   jitted = steps.make_train_step(loss_fn, opt, sh, bsh, mesh=mesh, reduction=reduction)
-  compiled, report = steps.compile_step(jitted, abstract, batch, mesh=mesh, name=name)
+  compiled, report = compilation.compile_step(jitted, abstract, batch, mesh=mesh, name=name)
   row.update(report)
   batch = jax.device_put(batch, bsh)
   times = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from contextblip_jax.training import optim
+from contextblip_jax.training import masking, optim
 
 # Paper-scale data locations are placeholders: no default points at a real local file.
 MODES = ("backbone", "pretrain", "finetune1", "finetune2", "evaluate", "predict", "demo")
@@ -63,9 +63,7 @@ def model_config(variant: str = "B/16", image_size: int = 224) -> ml_collections
   m.use_adapter = True           # multi-scale adapter on the ViT (False: plain BLIP)
   m.adapter_taps = ()            # 1-based ViT blocks tapped; () = the variant's default
   m.adapter_reduction = 2        # delta of the adapter (SPEC §10 item 1)
-  m.mask_ratio = 0.25            # pi of TMIM; 0 = ITM-only pre-training (SPEC §10 item 13)
-  m.mask_token_choice = "reference"  # TMIM attention source (SPEC §10 item 5)
-  m.random_mask = False          # uniform random mask instead of attention top-M
+  m.use_tmim = True              # build the TMIM modules (decoder, mask token; pre-training)
   m.reference_patch_layout = False   # reproduce the released code's patch scramble (§10 item 7)
   m.context_layers = 2           # inter-context encoder depth (stage 2)
   m.dropout = -1.0               # text/context dropout override; <0 keeps the variant's 0.1
@@ -129,6 +127,10 @@ def objective_config() -> ml_collections.ConfigDict:
   o.negatives_group_size = 0     # hard negatives within groups of this many rows (0 = batch)
   o.hard_negative_scale = 1.0    # backbone: sampling sims x this (0 = random negatives)
   o.mask_group_size = 0          # rows sharing one TMIM text position (0 = batch)
+  o.mask_ratio = masking.DEFAULT_MASK_RATIO  # pi of TMIM; 0 = ITM-only pre-training (§10 13)
+  o.mask_token_choice = "reference"  # TMIM attention source (SPEC §10 item 5)
+  o.random_mask = False          # uniform random mask instead of attention top-M
+  o.mask_noise = 0.02            # U(0, noise) tie-breaking noise on the patch scores
   return o
 
 
@@ -150,6 +152,8 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.eval = eval_config()
   c.freeze = [(".*", "train")]   # (regex over parameter paths, 'train' | 'freeze'), first wins
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # device mesh
+  # Several TPU slices: the mesh across slices (config.mesh is then the mesh inside one).
+  c.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   c.num_devices = 0              # devices in the mesh: 0 = all; n = the first n (one process)
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # None = sharding.py table
   c.compilation_cache = ""       # persistent XLA compilation cache directory ('' = off)

@@ -33,7 +33,6 @@ def _stage(mode: str, a) -> ml_collections.ConfigDict:
   c.model.text_layers = 2        # text encoder layers
   c.model.heads = 4              # attention heads everywhere
   c.model.patch_size = 8         # 4 x 4 patches of 8 px
-  c.model.mask_ratio = 0.25      # pi
   c.model.dropout = 0.0          # no dropout: a few hundred steps on a tiny model
   c.data.cache_images = True     # ~30 MB of 32-px images, decoded once
   c.data.augmentation = "none"   # position/size/left-right words: no crops or flips

@@ -2,7 +2,7 @@
 
 BLIP is frozen; the multi-scale adapter and the TMIM modules train (SPEC §3.9). Start from the
 converted `model_base.pth` (`--config.init_checkpoint=DIR`) or a backbone workdir
-(`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (mask_ratio 0, ITM only; SPEC §10
+(`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (no TMIM, ITM only; SPEC §10
 item 13), ':steps=N'.
 """
 
@@ -16,7 +16,9 @@ def get_config(arg=None):
   c.train.batch_size = 1024      # 256 per GPU x 4 GPUs
   c.train.num_epochs = 20        # the reference saves every epoch
   c.train.save_every = 1000      # steps between checkpoints
-  c.model.mask_ratio = 0.0 if a.nomim else 0.25   # pi
+  if a.nomim:                    # ITM only: no TMIM modules, no masking
+    c.model.use_tmim = False
+    c.objective.mask_ratio = 0.0
   c.freeze = [("pretrained_blip/.*", "freeze"), (".*", "train")]   # SPEC §3.9
   c.objective.negatives_group_size = 256   # hard negatives within each GPU's batch (§10 item 10)
   c.objective.mask_group_size = 256        # one TMIM text position per GPU's batch

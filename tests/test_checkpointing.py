@@ -119,15 +119,3 @@ def test_sigterm_guard_sets_flag_and_restores_handler():
     time.sleep(0.05)
     assert guard.requested
   assert signal.getsignal(signal.SIGTERM) == before
-
-
-def test_save_and_load_params(tmp_path):
-  params = {"a": np.ones((3, 2), np.float32), "b": {"c": np.arange(4, dtype=np.int32)}}
-  checkpoints.save_params(str(tmp_path / "p"), params, meta={"acc": 0.5})
-  checkpoints.save_params(str(tmp_path / "p"), jax.tree.map(lambda x: x * 2, params),
-                            meta={"acc": 0.7})
-  loaded, meta = checkpoints.load_params(str(tmp_path / "p"))
-  assert meta == {"acc": 0.7}
-  np.testing.assert_array_equal(loaded["b"]["c"], 2 * np.arange(4))
-  with pytest.raises(FileNotFoundError):
-    checkpoints.load_params(str(tmp_path / "missing"))

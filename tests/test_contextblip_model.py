@@ -81,8 +81,8 @@ def test_stage_trees():
   c = ContextBlipConfig.for_variant("tiny")
   assert set(stage_param_names(c, "pretrain")) == {"pretrained_blip", "vision_adapter",
                                                    *PARAM_GROUPS["tmim"]}
-  assert stage_param_names(c.replace(mask_ratio=0.0), "pretrain") == ("pretrained_blip",
-                                                                       "vision_adapter")
+  assert stage_param_names(c.replace(use_tmim=False), "pretrain") == ("pretrained_blip",
+                                                                      "vision_adapter")
   assert stage_param_names(c.replace(use_adapter=False), "zero_shot") == ("pretrained_blip",)
   assert set(stage_param_names(c, "finetune")) == {"pretrained_blip", "vision_adapter",
                                                    "prediction_layer", "context_encoder"}
@@ -92,12 +92,11 @@ def test_stage_trees():
 
 def test_config_validation_and_roundtrip():
   c = ContextBlipConfig.for_variant("tiny")
-  assert c.adapter_taps == (1, 2, 3, 4) and c.decoder_heads == 4 and c.num_masked == 4
+  assert c.adapter_taps == (1, 2, 3, 4) and c.decoder_heads == 4 and c.use_tmim
   assert ContextBlipConfig.from_dict(c.to_dict()) == c
-  assert ContextBlipConfig.for_variant("B/16").num_masked == 49
   with pytest.raises(ValueError, match="adapter_taps"):
     ContextBlipConfig.for_variant("tiny", adapter_taps=(3, 6, 9, 12))
-  with pytest.raises(ValueError, match="mask_token_choice"):
+  with pytest.raises(TypeError, match="mask_token_choice"):   # an objective option now
     ContextBlipConfig.for_variant("tiny", mask_token_choice="all")
   with pytest.raises(ValueError, match="heads"):
     ContextBlipConfig.for_variant("tiny", decoder_heads=5)
@@ -252,3 +251,15 @@ def test_context_encoder_positions_only_for_video(tiny):
   # Residual to the un-positioned features: out - feat is the transformer output of x0.
   np.testing.assert_allclose(out[1:] - feat[1:], tf_static, rtol=1e-5, atol=1e-5)
   assert logits.shape == (2, k) and logits.dtype == jnp.float32
+
+
+def test_model_configs_saved_with_masking_options_still_load():
+  """Model configs saved before the masking options moved to the objective carry mask_ratio,
+  mask_token_choice, random_mask and mask_noise: they load, and a saved pi of 0 (ITM-only
+  pre-training, no TMIM parameters) means no TMIM modules."""
+  c = ContextBlipConfig.for_variant("tiny")
+  old = {**c.to_dict(), "mask_ratio": 0.25, "mask_token_choice": "reference",
+         "random_mask": False, "mask_noise": 0.02}
+  del old["use_tmim"]
+  assert ContextBlipConfig.from_dict(old) == c
+  assert ContextBlipConfig.from_dict({**old, "mask_ratio": 0.0}) == c.replace(use_tmim=False)

@@ -176,3 +176,61 @@ def test_annotations(tree):
     ic.read_imagecode_dir(tree, "train", annotation_path=path)
   with pytest.raises(ic.ImagecodeDataError, match="unlabelled"):
     ic.read_imagecode_dir(tree, "test", annotation_path=_write(tree, "a.yaml", ann))
+
+
+# --------------------------------------------------------------------------- splits from config
+
+def _data_cfg(root, **kw):
+  import ml_collections
+  d = dict(imagecode_dir=root, image_root="", annotation_yaml="", on_error="raise")
+  d.update(kw)
+  return ml_collections.ConfigDict({"data": d})
+
+
+def test_split_paths_defaults_and_errors(tree):
+  json_path, image_root, tags = ic.split_paths(_data_cfg(tree), "train")
+  assert json_path == os.path.join(tree, "train_data.json")
+  assert image_root == os.path.join(tree, "image-sets") and tags is None
+  assert ic.split_paths(_data_cfg(tree), "valid")[2] is None          # no default yaml: none
+  _write(tree, ic.ANNOTATION_FILE, {})
+  assert ic.split_paths(_data_cfg(tree), "valid")[2] == os.path.join(tree, ic.ANNOTATION_FILE)
+  assert ic.split_paths(_data_cfg(tree), "test")[2] is None            # tags: valid only
+  with pytest.raises(ValueError, match="imagecode_dir is required"):
+    ic.split_paths(_data_cfg(""), "train")
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    ic.split_paths(_data_cfg(tree), "dev")
+  with pytest.raises(FileNotFoundError, match="annotation_yaml.*nope.yaml"):
+    ic.split_paths(_data_cfg(tree, annotation_yaml=os.path.join(tree, "nope.yaml")), "valid")
+  split = ic.load_split(_data_cfg(tree), "train")
+  assert len(split.examples) == 3 and split.examples[0].image_paths
+
+
+def test_first_sets_renumbers_examples_and_sets(tree):
+  _write(tree, "train_data.json", {STATIC: {"0": "a"}, VIDEO: {"5": "b", "9": "c"}})
+  split = ic.load_split(_data_cfg(tree), "train")
+  assert [s.set_name for s in split.sets] == [STATIC, VIDEO]
+  one = ic.first_sets(split, 1)
+  assert [e.description for e in one.examples] == ["a"]
+  assert [s.example_indices for s in one.sets] == [(0,)]
+  # renumbering: a split whose kept sets' examples are not a prefix of the original list
+  reordered = ic.ImagecodeSplit(split.source, True, split.examples,
+                                [split.sets[1], split.sets[0]], [], [])
+  two = ic.first_sets(reordered, 5)
+  assert [e.description for e in two.examples] == ["b", "c", "a"]
+  assert [e.set_index for e in two.examples] == [0, 0, 1]
+  assert [s.example_indices for s in two.sets] == [(0, 1), (2,)]
+  assert all(two.examples[i].set_name == s.set_name for s in two.sets for i in s.example_indices)
+  assert len(split.examples) == 3 and split.examples[0].set_index == 0     # input untouched
+
+
+def test_skipped_records_account_for_every_left_out_description(tree):
+  _write(tree, "train_data.json", {VIDEO: {"5": "ok", "7": ""}, "open-images-gone": {"1": "x",
+                                                                                   "2": "y"}})
+  split = ic.load_split(_data_cfg(tree, on_error="skip"), "train")
+  assert [e.description for e in split.examples] == ["ok"]
+  recs = ic.skipped_records(split)
+  assert [(r["set"], r["index"], r["gold"], r["description"]) for r in recs] == [
+      (VIDEO, 1, 7, ""), ("open-images-gone", 0, 1, "x"), ("open-images-gone", 1, 2, "y")]
+  assert all(r["pred"] is None and r["scores"] is None and r["skipped"] for r in recs)
+  assert [r["static"] for r in recs] == [False, True, True]
+  assert ic.skipped_records(ic.load_split(_data_cfg(tree, on_error="skip"), "test")) == []

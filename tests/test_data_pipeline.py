@@ -121,7 +121,7 @@ def test_process_sharding_covers_each_record_once():
     rebuilt = [x for b in range(n // g) for p in range(2) for x in seen[p][3 * b:3 * b + 3]]
     assert rebuilt == single                                  # same global batches
   with pytest.raises(ValueError, match="not within"):
-    P.local_rows(6, [0, 6])
+    P.shard_rows(6, [0, 6])
 
 
 def test_two_processes_see_the_one_process_batches(data):

@@ -8,6 +8,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from contextblip_jax.parallel import distributed as dist
+from contextblip_jax.parallel import sharding as shd
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
@@ -123,21 +124,19 @@ def _mesh():
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def test_data_shard_and_global_batch_single_process():
-  sharding = NamedSharding(_mesh(), P("data"))
-  shard = dist.data_shard(sharding, 16)
-  assert (shard.index, shard.count, shard.local_batch_size) == (0, 1, 16)
-  assert shard.contiguous() == slice(0, 16)
-  assert dist.per_process_batch_size(16, sharding) == 16
+def test_mesh_batch_rows_and_global_batch_single_process():
+  mesh = _mesh()
+  sharding = NamedSharding(mesh, P("data"))
+  rows = dist.mesh_batch_rows(shd.make_mesh({"data": 4, "fsdp": 2}), 16)
+  assert rows.tolist() == list(range(16))          # one process loads every row
   batch = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
            "y": np.arange(16, dtype=np.int32)}
-  local = dist.local_rows(batch, sharding)
-  out = dist.global_batch(local, sharding)
+  out = dist.global_batch({k: v[rows] for k, v in batch.items()}, sharding)
   assert out["x"].shape == (16, 3) and out["x"].sharding == sharding
   np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
   assert len(out["y"].addressable_shards) == 8
-  with pytest.raises(ValueError, match="evenly"):
-    dist.per_process_batch_size(6, sharding)
+  shapes = dist.global_shapes(batch, 32)
+  assert shapes["x"].shape == (32, 3) and shapes["y"].dtype == np.int32
 
 
 def test_rows_follow_device_ownership():
@@ -154,10 +153,10 @@ def test_rows_follow_device_ownership():
 
 
 def test_hybrid_mesh_single_process_is_ici_only():
-  mesh = dist.make_hybrid_mesh({"data": -1, "tensor": 2}, {"data": 1})
+  mesh = shd.make_mesh({"data": -1, "tensor": 2}, dcn={"data": 1})
   assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
   with pytest.raises(ValueError):
-    dist.make_hybrid_mesh({"data": -1}, {"data": 2})   # one process = one granule
+    shd.make_mesh({"data": -1}, dcn={"data": 2})   # one process = one granule
 
 
 def test_any_process_single():

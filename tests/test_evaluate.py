@@ -1,18 +1,21 @@
-"""Evaluation: scoring math, the loop on generated sets (vision once per set), output files,
-and bad input at the loop level (clear errors naming file and entry, or counted skips)."""
+"""Evaluation: scoring math, the loop on generated sets (vision once per set), output files
+(atomic: never half-written), and bad input at the loop level (clear errors naming file and
+entry, or counted skips)."""
 
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from contextblip_jax.evaluation import accuracy
-from contextblip_jax.evaluation import loop as evaluate
-from contextblip_jax.training import objectives
+from contextblip_jax.evaluation import loop
+from contextblip_jax.run import evaluate
+from contextblip_jax.evaluation import outputs
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import imagecode
 from contextblip_jax.models.contextblip import ContextBlip
@@ -57,6 +60,89 @@ def test_leaderboard_keeps_file_order_and_never_drops_a_description():
     accuracy.leaderboard(recs + recs[:1], expected)
 
 
+# ------------------------------------------------------------------ output files
+
+def _records():
+  scored = [dict(set="s1", index=i, description=f"d{i}", static=True, gold=None, pred=i,
+                 scores=np.eye(10)[i].astype(np.float32)) for i in range(3)]
+  skipped = [dict(set="s2", index=0, description="gone", static=False, gold=None, pred=None,
+                  scores=None, skipped="image-set directory not found")]
+  return scored, skipped
+
+
+def _unlabelled_split(tmp_path):
+  source = tmp_path / "test_data_unlabeled.json"
+  source.write_text(json.dumps({"s1": ["d0", "d1", "d2"]}))
+  return imagecode.ImagecodeSplit(str(source), False, [], [])
+
+
+def _leftovers(out):
+  return sorted(f for f in os.listdir(out) if ".tmp" in f)
+
+
+def test_outputs_hold_every_record_and_skipped_ones_before_the_rename(tmp_path, monkeypatch):
+  scored, skipped = _records()
+  split, out = _unlabelled_split(tmp_path), tmp_path / "out"
+  seen = {}
+  real_replace = os.replace
+
+  def replace(src, dst):            # what the file holds at the moment it appears
+    with open(src) as f:
+      seen[os.path.basename(dst)] = f.read()
+    real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", replace)
+  files = outputs.write_outputs(str(out), "h_test", skipped + scored[::-1], split, {"all": 1})
+  assert set(files) == {"predictions", "report", "leaderboard"}
+  lines = [json.loads(x) for x in seen["h_test.predictions.jsonl"].splitlines()]
+  assert [(r["set"], r["index"]) for r in lines] == [("s1", 0), ("s1", 1), ("s1", 2),
+                                                     ("s2", 0)]
+  assert lines[-1]["pred"] is None and lines[-1]["skipped"] == "image-set directory not found"
+  assert lines[1]["scores"] == list(np.eye(10)[1]) and lines[1]["pred"] == 1
+  assert accuracy.read_predictions(files["predictions"]) == lines
+  assert json.loads(seen["h_test.report.json"]) == {"all": 1}
+  assert json.loads(seen["h_test.leaderboard.json"]) == {"s1": [0, 1, 2]}
+  assert _leftovers(out) == []
+
+
+def test_failed_writes_leave_the_previous_file_or_none(tmp_path, monkeypatch):
+  scored, skipped = _records()
+  out = tmp_path / "out"
+  pred = out / "p.predictions.jsonl"
+  # predictions: the 3rd record cannot be serialised, after two lines went to the temp file
+  bad = scored[:2] + [dict(scored[2], scores=["x"] * 10)] + skipped
+  with pytest.raises(ValueError):
+    outputs.write_predictions(str(pred), bad)
+  assert not os.path.exists(out) or os.listdir(out) == []                # no file, no temp
+  assert outputs.write_predictions(str(pred), scored + skipped) == 4
+  before = pred.read_text()
+  with pytest.raises(ValueError):
+    outputs.write_predictions(str(pred), bad)
+  assert pred.read_text() == before and _leftovers(out) == []
+
+  # report / leaderboard JSON: json.dump fails after writing part of the document
+  def partial_dump(obj, f, **kw):
+    f.write('{"all": ')
+    raise OSError("disk full")
+  report = out / "p.report.json"
+  outputs.write_json(str(report), {"all": {"acc": 0.5}})
+  monkeypatch.setattr(json, "dump", partial_dump)
+  with pytest.raises(OSError, match="disk full"):
+    outputs.write_json(str(report), {"all": {"acc": 0.9}})
+  assert json.loads(report.read_text()) == {"all": {"acc": 0.5}}
+  board = out / "p.leaderboard.json"
+  with pytest.raises(OSError, match="disk full"):
+    outputs.write_leaderboard(str(board), scored, {"s1": ["a", "b", "c"]})
+  assert not board.exists() and _leftovers(out) == []
+  monkeypatch.undo()
+  # a leaderboard missing a description is refused before anything is written
+  with pytest.raises(ValueError, match="no prediction for set 's1' description 3"):
+    outputs.write_leaderboard(str(board), scored, {"s1": ["a", "b", "c", "d"]})
+  assert not board.exists() and _leftovers(out) == []
+  assert outputs.write_leaderboard(str(board), scored, {"s1": ["a", "b", "c"]}) == {
+      "s1": [0, 1, 2]}
+  assert json.loads(board.read_text()) == {"s1": [0, 1, 2]}
+
+
 # ------------------------------------------------------------------ the loop
 
 @pytest.fixture(scope="module")
@@ -77,8 +163,8 @@ def test_scores_reuse_vision_and_match_per_description_scoring(setup):
   scores as scoring each description with its own pass over the 10 images."""
   cfg = tiny_eval_config(setup["data"], setup["export"], head="stage2")
   model, params, mesh, sh = evaluate.load_eval_params(cfg, str(setup["root"]))
-  split = evaluate.load_split(cfg, "valid")
-  recs = evaluate.Evaluator(model, "stage2", cfg, mesh, sh).records(params, split)
+  split = imagecode.load_split(cfg, "valid")
+  recs = loop.Evaluator(model, "stage2", cfg, mesh, sh).records(params, split)
   assert len(recs) == len(split.examples)
   by_key = {(r["set"], r["index"]): r for r in recs}
   s = next(s for s in split.sets if len(s.example_indices) >= 2)
@@ -88,9 +174,10 @@ def test_scores_reuse_vision_and_match_per_description_scoring(setup):
   for i in s.example_indices:
     e = split.examples[i]
     enc = tok([pre_caption_imagecode(e.description)], max_length=30)
-    ref = objectives.finetune_scores(jax.device_get(params), images, enc["input_ids"],
-                                     enc["attention_mask"], np.array([e.is_video]),
-                                     model=model, stage=2)
+    host = {"params": jax.device_get(params)}
+    embeds = model.apply(host, images, method=ContextBlip.encode_candidates)
+    ref = model.apply(host, embeds, enc["input_ids"], enc["attention_mask"], "stage2",
+                      np.array([e.is_video]), method=ContextBlip.candidate_scores)
     np.testing.assert_allclose(by_key[(e.set_name, e.position)]["scores"], ref[0],
                                rtol=2e-4, atol=2e-5)
 
@@ -242,10 +329,42 @@ def test_skip_mode_counts_and_keeps_every_description_in_predictions(setup):
 
 def test_missing_head_parameters_are_named(setup, tmp_path):
   from tests.helpers.loops import random_params, tiny_model_config
+  from contextblip_jax.data.tokenizer import VOCAB_PATH
   mc = tiny_model_config()
   params = random_params(mc, "zero_shot")
-  wd.export_params(str(tmp_path / "pt"), params, "pretrain", mc)
+  wd.export_params(str(tmp_path / "pt"), params, "pretrain", mc, vocab_path=VOCAB_PATH)
   cfg = tiny_eval_config(setup["data"], str(tmp_path / "pt"), head="stage2")
   with pytest.raises(ValueError, match="prediction_layer"):
     evaluate.load_eval_params(cfg, str(tmp_path))
   assert ContextBlip(mc).config.num_candidates == 10
+
+
+def test_attention_figure_uses_the_masking_patch_score(setup, tmp_path):
+  """The heat map is masking.patch_scores('valid_mean', no noise) (the mean cross-attention
+  over layers, heads and content tokens, L2-normalised) and the mask is its top pi*P."""
+  from contextblip_jax.evaluation import visualize
+  from contextblip_jax.training import masking
+  cfg = tiny_eval_config(setup["data"], setup["export"])
+  model, params, _, _ = evaluate.load_eval_params(cfg, str(setup["root"]))
+  split = imagecode.load_split(cfg, "valid")
+  host = jax.device_get(params)
+  s = model.config.blip.vision.image_size
+  pixels = jax.random.normal(jax.random.key(0), (2, s, s, 3))
+  ids = jnp.array([[101, 2000, 2001, 2002, 102, 0], [101, 3000, 102, 0, 0, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  heat, chosen = visualize._attention_and_mask(host, pixels, ids, mask, model=model,
+                                               mask_ratio=0.25)
+  embeds = model.apply({"params": host}, pixels, method=ContextBlip.image_embeds)
+  attn = model.apply({"params": host}, ids, mask, embeds, True, True,
+                     method=ContextBlip.multimodal).cross_attentions
+  mean = np.stack(attn, 1).mean(axis=(1, 2))[..., 1:]                 # [B, T, P]
+  w = np.asarray(masking.content_token_mask(mask), np.float32)
+  ref = np.einsum("bt,btp->bp", w, mean) / w.sum(1, keepdims=True)
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  np.testing.assert_allclose(heat, ref, rtol=1e-5, atol=1e-6)
+  m = masking.num_masked(0.25, heat.shape[1])
+  top = np.argsort(-np.asarray(heat), axis=1)[:, :m]
+  assert np.asarray(chosen).sum(1).tolist() == [m, m]
+  assert all(set(top[i]) == set(np.flatnonzero(chosen[i])) for i in range(2))
+  paths = visualize.attention_figures(model, params, split, str(tmp_path / "fig"), num_sets=2)
+  assert paths == [str(tmp_path / "fig.png")] and os.path.getsize(paths[0]) > 1000

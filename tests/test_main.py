@@ -33,8 +33,9 @@ def test_paper_settings_in_configs():
   from configs import finetune_stage1, finetune_stage2, pretrain
   p = pretrain.get_config()
   assert (p.optim.lr, p.optim.weight_decay, p.train.batch_size) == (3e-4, 0.05, 1024)
-  assert p.model.mask_ratio == 0.25 and p.model.adapter_reduction == 2
-  assert pretrain.get_config("nomim").model.mask_ratio == 0.0
+  assert p.objective.mask_ratio == 0.25 and p.model.adapter_reduction == 2 and p.model.use_tmim
+  nomim = pretrain.get_config("nomim")
+  assert nomim.objective.mask_ratio == 0.0 and not nomim.model.use_tmim
   f1, f2 = finetune_stage1.get_config(), finetune_stage2.get_config()
   assert dict(f1.optim.lrs) == {"head": 1e-4, "blip": 2e-6} and f1.train.num_epochs == 40
   assert f1.optim.weight_decay == 0.2 and f1.train.batch_size == 36

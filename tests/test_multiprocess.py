@@ -67,17 +67,17 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from contextblip_jax.parallel import distributed as dist
+from contextblip_jax.parallel import sharding as shd
 plan = dist.initialize_distributed()
 mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 sh = NamedSharding(mesh, P("data"))
-shard = dist.data_shard(sh, 8)
+rows = dist.mesh_batch_rows(shd.make_mesh({"data": -1}), 8)
 x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
-g = dist.global_batch(dist.local_rows(x, sh), sh)
+g = dist.global_batch(x[rows], sh)
 total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(g)
-hybrid = dist.make_hybrid_mesh({"data": -1}, {"data": 2})
+hybrid = shd.make_mesh({"data": -1}, dcn={"data": 2})
 print("RESULT " + json.dumps(dict(
-    kind=plan.kind, pid=jax.process_index(), rows=shard.rows.tolist(), index=shard.index,
-    count=shard.count, shape=list(g.shape), total=float(total),
+    kind=plan.kind, pid=jax.process_index(), rows=rows.tolist(), shape=list(g.shape), total=float(total),
     stop=dist.any_process(jax.process_index() == 1), hybrid=list(hybrid.devices.shape),
     hybrid_procs=[d.process_index for d in hybrid.devices.reshape(-1)])), flush=True)
 """
@@ -96,7 +96,7 @@ def test_distributed_helpers_in_two_processes(tmp_path):
   res = [json.loads(next(l for l in t.splitlines() if l.startswith("RESULT "))[7:])
          for t in logs]
   for i, r in enumerate(res):
-    assert (r["kind"], r["pid"], r["count"], r["index"]) == ("explicit", i, 2, i)
+    assert (r["kind"], r["pid"]) == ("explicit", i)
     assert r["rows"] == list(range(4 * i, 4 * i + 4))    # contiguous half of the global batch
     assert r["shape"] == [8, 3] and r["total"] == float(sum(range(24)))
     assert r["stop"] is True                             # process 1's flag reaches process 0

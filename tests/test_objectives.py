@@ -121,10 +121,24 @@ def test_itm_rows_are_positive_negative_image_negative_text(setup):
 
 def test_pretrain_without_tmim_is_itm_only(setup):
   _, params, pre, _ = setup
-  m0 = ContextBlip(_config(mask_ratio=0.0))
+  m0 = ContextBlip(_config(use_tmim=False))
+  itm_only = O.ObjectiveConfig(mask_ratio=0.0)
   _, metrics = jax.eval_shape(lambda p: O.pretrain_loss(p, pre, jax.random.key(0), model=m0,
-                                                        cfg=None, train=True), params)
+                                                        cfg=itm_only, train=True), params)
   assert set(metrics) == {"loss", "itm_loss", "itm_accuracy"}
+  with pytest.raises(ValueError, match="use_tmim"):     # masking asked of a model without TMIM
+    jax.eval_shape(lambda p: O.pretrain_loss(p, pre, jax.random.key(0), model=m0, cfg=None,
+                                             train=True), params)
+
+
+def test_masking_options_are_objective_options():
+  assert O.ObjectiveConfig().mask_ratio == O.masking.DEFAULT_MASK_RATIO == 0.25
+  cfg = O.as_objective_config({"mask_ratio": 0.5, "mask_token_choice": "valid_mean"})
+  assert (cfg.mask_ratio, cfg.mask_token_choice) == (0.5, "valid_mean")
+  with pytest.raises(ValueError, match="mask_token_choice"):
+    O.ObjectiveConfig(mask_token_choice="all")
+  with pytest.raises(ValueError, match="mask_ratio"):
+    O.ObjectiveConfig(mask_ratio=1.0)
 
 
 def test_finetune_stage1_loss(setup):
@@ -143,8 +157,8 @@ def test_finetune_stage1_loss(setup):
   # Evaluation mode: the loss is the summed CE of the stage-1 scores.
   ev, _ = jax.jit(lambda p: O.finetune_stage1_loss(p, fine, jax.random.key(0), model=m,
                                                    train=False))(params)
-  logits = np.asarray(jax.jit(lambda p: O.finetune_scores(
-      p, fine["images"], fine["input_ids"], fine["attention_mask"], model=m, stage=1))(params))
+  logits = np.asarray(jax.jit(lambda p: _scores(
+      m, p, fine["images"], fine["input_ids"], fine["attention_mask"], "stage1"))(params))
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   np.testing.assert_allclose(ev, -logp[np.arange(G), np.asarray(fine["label"])].sum(),
                              rtol=1e-5)
@@ -162,10 +176,19 @@ def test_finetune_stage2_loss_trains_only_the_context_encoder(setup):
   assert _norm(g["prediction_layer"]) > 0                       # frozen by the optimizer only
 
 
+def _scores(model, params, images, input_ids, attention_mask, head, is_video=None):
+  """The evaluation path: ContextBlip.encode_candidates -> ContextBlip.candidate_scores."""
+  v = {"params": params}
+  embeds = model.apply(v, images, method=ContextBlip.encode_candidates)
+  return model.apply(v, embeds, input_ids, attention_mask, head, is_video,
+                     method=ContextBlip.candidate_scores)
+
+
 def test_zero_shot_scores_and_reusable_vision(setup):
   m, params, _, fine = setup
-  enc = jax.jit(lambda p, x: O.encode_candidates(p, x, model=m))
-  score = jax.jit(lambda p, e, i, a: O.score_with_embeds(p, e, i, a, model=m))
+  enc = jax.jit(lambda p, x: m.apply({"params": p}, x, method=ContextBlip.encode_candidates))
+  score = jax.jit(lambda p, e, i, a: m.apply({"params": p}, e, i, a, "zero_shot",
+                                             method=ContextBlip.candidate_scores))
   embeds = enc(params, fine["images"][:1])                      # one image set, vision once
   ids, mask = fine["input_ids"], fine["attention_mask"]
   two = score(params, jnp.concatenate([embeds, embeds]), ids, mask)   # two descriptions
@@ -179,12 +202,32 @@ def test_zero_shot_scores_and_reusable_vision(setup):
   np.testing.assert_allclose(two[1], jax.nn.softmax(logits)[:, 1], rtol=1e-5, atol=1e-6)
   # Without the adapter the scores are plain BLIP's.
   plain = ContextBlip(_config(use_adapter=False))
-  zs = jax.jit(lambda p: O.zero_shot_scores(p, fine["images"][:1], ids[:1], mask[:1],
-                                            model=plain))(params)
+  zs = jax.jit(lambda p: _scores(plain, p, fine["images"][:1], ids[:1], mask[:1],
+                                 "zero_shot"))(params)
   vit = jax.jit(lambda p, x: blip.apply({"params": p}, x, method=Blip.encode_image))(
       params["pretrained_blip"], fine["images"][0]).last_hidden_state
   ref = itm(params["pretrained_blip"], ids[:1], mask[:1], vit)
   np.testing.assert_allclose(zs[0], jax.nn.softmax(ref)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_stage2_scores_are_the_evaluation_loss_logits_and_heads_are_checked(setup):
+  m, params, _, fine = setup
+  ev, _ = jax.jit(lambda p: O.finetune_stage2_loss(p, fine, jax.random.key(0), model=m,
+                                                   train=False))(params)
+  logits = np.asarray(jax.jit(lambda p: _scores(
+      m, p, fine["images"], fine["input_ids"], fine["attention_mask"], "stage2",
+      fine["is_video"]))(params))
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(ev, -logp[np.arange(G), np.asarray(fine["label"])].sum(),
+                             rtol=1e-5)
+  embeds = jax.ShapeDtypeStruct((G, K, m.config.num_patches + 1, m.config.blip.vision.width),
+                                jnp.float32)
+  for head, is_video, match in (("stage3", None, "unknown head"),
+                                ("stage2", None, "needs is_video")):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda p, e: m.apply({"params": p}, e, fine["input_ids"],
+                                          fine["attention_mask"], head, is_video,
+                                          method=ContextBlip.candidate_scores), params, embeds)
 
 
 def test_bfloat16_compute_keeps_float32_losses(setup):

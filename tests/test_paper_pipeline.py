@@ -9,18 +9,22 @@
   5. main --config configs/finetune_stage2.py --config.init_workdir=<stage-1 workdir>
   6. main --config configs/evaluate.py:predict,head=stage2 -> leaderboard JSON for the
      unlabelled test file
+  7. python -m contextblip_jax.score and python -m weight_convert export on the stage-2 workdir
 with the tiny configs (':tiny') and a few generated images in the IMAGECODE layout.
 """
 
 import json
 import os
 
+import numpy as np
+
 from tests.helpers import torch_reference as tr
 from configs import evaluate as evaluate_config
 from configs import finetune_stage1, finetune_stage2, pretrain, zeroshot
 from contextblip_jax.evaluation import accuracy
+from contextblip_jax.evaluation import scorer
 from contextblip_jax.run import cli as main
-from contextblip_jax.storage import workdir as wd
+from contextblip_jax.storage import param_dir
 from tests.helpers.loops import compilation_cache, make_data
 from weight_convert.__main__ import main as convert_main
 
@@ -43,7 +47,7 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
   blip = str(tmp_path / "blip_base")
   assert convert_main(["--src", pth, "--out", blip, "--vision-heads", "4",
                        "--text-heads", "4"]) == 0
-  assert wd.is_converted_dir(blip)
+  assert param_dir.load_param_dir(blip).provenance["writer"] == "weight_convert"
   runs = tmp_path / "runs"
   with compilation_cache(tmp_path / "xla_cache"):
     # 2. ContextBLIP pre-training from the converted BLIP (frozen), adapter + TMIM train
@@ -51,7 +55,7 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
     c.init_checkpoint = blip
     pre = main.run(c, str(runs / "pretrain"))
     assert pre["final_step"] == 2 and pre["valid"]["head"] == "zero_shot"
-    exported = wd.load_init(str(runs / "pretrain"))
+    exported = param_dir.load_param_dir(str(runs / "pretrain"))
     assert {"pretrained_blip", "vision_adapter", "visual_decoder"} <= set(exported.params)
     # 3. zero-shot evaluation of the pre-trained model on valid
     c = zeroshot.get_config("tiny")
@@ -67,7 +71,9 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
     c.init_workdir = str(runs / "finetune1")
     s2 = main.run(c, str(runs / "finetune2"))
     assert s1["valid"]["head"] == "stage1" and s2["valid"]["head"] == "stage2"
-    ft1, ft2 = wd.load_init(str(runs / "finetune1")), wd.load_init(str(runs / "finetune2"))
+    ft1 = param_dir.load_param_dir(str(runs / "finetune1"))
+    ft2 = param_dir.load_param_dir(str(runs / "finetune2"))
+    assert ft2.provenance["init"]["provenance"]["stage"] == "finetune1"
     # stage 2 trains only the context encoder: everything else equals stage 1's export
     for group in ("pretrained_blip", "prediction_layer"):
       flat1 = json.dumps(_digest(ft1.params[group]))
@@ -84,6 +90,16 @@ def test_paper_sequence_on_generated_stand_ins(tmp_path):
   assert board == accuracy.leaderboard(
       accuracy.read_predictions(pred["files"]["predictions"]), test)
   assert [len(v) for v in board.values()] == [len(v) for v in test.values()]
+  # 7. the scoring command and the HF export read the stage-2 workdir like any parameter dir
+  image_dir = os.path.join(data, "image-sets", next(iter(test)))
+  images = sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir))[:3]
+  assert scorer.main(["--checkpoint", str(runs / "finetune2"), "--text", "a dog", *images]) == 0
+  hf_out = str(tmp_path / "hf_finetune2")
+  assert convert_main(["export", "--checkpoint", str(runs / "finetune2"), "--out", hf_out]) == 0
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  hf = load_file(os.path.join(hf_out, "model.safetensors"))
+  np.testing.assert_array_equal(
+      hf["itm_head.weight"], np.asarray(ft2.params["pretrained_blip"]["itm_head"]["kernel"]).T)
 
 
 def _digest(tree):

@@ -25,7 +25,7 @@ import torch
 
 from tests.helpers import torch_reference as tr
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.storage.param_dir import load_param_dir
 from weight_convert import convert
 
 TOLS = {"itm": 1e-6, "sim": 1e-6, "image_embeds": 2e-5, "mm": 2e-5, "txt": 2e-5}
@@ -65,14 +65,14 @@ def test_blip_base_parity(image_size, fmt, tmp_path):
     src = tr.save_hf_dir(model, str(tmp_path / "hf"))
   else:
     src = tr.save_original(tr.original_state_dict(model), str(tmp_path / "model_base.pth"))
-  pre = load_pretrained(convert(src, str(tmp_path / "converted"), log=print))
-  assert pre.config.vision.num_heads == 12 and pre.config.text.num_heads == 12
-  assert pre.config.vision.layer_norm_eps == 1e-6
+  pre = load_param_dir(convert(src, str(tmp_path / "converted"), log=print))
+  assert pre.model.blip.vision.num_heads == 12 and pre.model.blip.text.num_heads == 12
+  assert pre.model.blip.vision.layer_norm_eps == 1e-6
   pixels, ids, mask = tr.sample_inputs(batch=2, image_size=image_size, length=30, seed=1)
   theirs = _theirs(model, pixels, ids, mask)
   del model
-  ours = _ours(Blip(pre.config), {"params": pre.params["pretrained_blip"]}, tr.nhwc(pixels),
-               jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
+  ours = _ours(Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]},
+               tr.nhwc(pixels), jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()))
   print(f"\nBLIP-base {image_size} px ({fmt} source): max abs diff")
   diffs = {}
   for k in ("itm", "sim", "image_embeds", "mm", "txt"):

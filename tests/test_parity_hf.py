@@ -25,7 +25,7 @@ from tests.helpers import torch_reference as tr
 from contextblip_jax.models import layers
 from contextblip_jax.models.bert import SELF_MASK_VALUE
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.storage.param_dir import load_param_dir
 from weight_convert import convert, export_hf
 
 TOL = 1e-5
@@ -38,8 +38,8 @@ def ref(tmp_path_factory):
   model = tr.build_hf_model(tr.hf_config(), seed=0)
   tr.save_hf_dir(model, str(d / "hf"))
   tr.save_original(tr.original_state_dict(model), str(d / "orig.pth"))
-  from_hf = load_pretrained(convert(str(d / "hf"), str(d / "from_hf")))
-  from_orig = load_pretrained(convert(str(d / "orig.pth"), str(d / "from_orig"),
+  from_hf = load_param_dir(convert(str(d / "hf"), str(d / "from_hf")))
+  from_orig = load_param_dir(convert(str(d / "orig.pth"), str(d / "from_orig"),
                                       vision_heads=4, text_heads=4))
   pixels, ids, mask = tr.sample_inputs(batch=2, image_size=32, length=8)
   return dict(model=model, from_hf=from_hf, from_orig=from_orig, pixels=pixels, ids=ids,
@@ -62,8 +62,9 @@ def _diff(ours, theirs) -> float:
 
 def test_both_formats_give_identical_params_and_config(ref):
   a, b = ref["from_hf"], ref["from_orig"]
-  assert a.config.vision == b.config.vision
-  assert a.config.text == b.config.text and a.config.embed_dim == b.config.embed_dim
+  assert a.model.blip.vision == b.model.blip.vision
+  assert a.model.blip.text == b.model.blip.text
+  assert a.model.blip.embed_dim == b.model.blip.embed_dim
   fa = flax.traverse_util.flatten_dict(a.params, sep="/")
   fb = flax.traverse_util.flatten_dict(b.params, sep="/")
   assert fa.keys() == fb.keys()
@@ -86,7 +87,7 @@ def _vision_states(m, p, px):
 
 def test_vision_blockwise(ref):
   pre, model = ref["from_hf"], ref["model"]
-  m, p = Blip(pre.config), {"params": pre.params["pretrained_blip"]}
+  m, p = Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]}
   px = tr.nhwc(ref["pixels"])
   with torch.no_grad():
     hf = model.vision_model(ref["pixels"], output_hidden_states=True)
@@ -118,7 +119,7 @@ def _text_layers(m, p, ids, mask, image_embeds):
 
 def test_text_blockwise_multimodal_and_text_mode(ref):
   pre, model = ref["from_hf"], ref["model"]
-  m, p = Blip(pre.config), {"params": pre.params["pretrained_blip"]}
+  m, p = Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]}
   ids, mask = ref["ids"], ref["mask"]
   assert (mask == 0).any(), "the sample must contain padding to exercise the masks"
   image_embeds = m.apply(p, tr.nhwc(ref["pixels"]), method=Blip.encode_image).last_hidden_state
@@ -129,7 +130,7 @@ def test_text_blockwise_multimodal_and_text_mode(ref):
         encoder_attention_mask=torch.ones(hf_img.shape[:2], dtype=torch.long),
         output_hidden_states=True, output_attentions=True)
     hf_txt = model.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-  depth, diffs = pre.config.text.num_layers, {}
+  depth, diffs = pre.model.blip.text.num_layers, {}
   j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
   emb, outs, crosses = _text_layers(m, p, j_ids, j_mask, image_embeds)
   diffs["embeddings"] = _diff(emb, hf_mm.hidden_states[0])
@@ -149,7 +150,7 @@ def test_text_blockwise_multimodal_and_text_mode(ref):
 
 def test_itm_probabilities_enc_and_cls_paths(ref):
   pre, model = ref["from_hf"], ref["model"]
-  m, p = Blip(pre.config), {"params": pre.params["pretrained_blip"]}
+  m, p = Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]}
   ids, mask, pixels = ref["ids"], ref["mask"], ref["pixels"]
   image_embeds = m.apply(p, tr.nhwc(pixels), method=Blip.encode_image).last_hidden_state
   j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
@@ -172,7 +173,7 @@ def test_itm_probabilities_enc_and_cls_paths(ref):
 
 def test_itc_similarities(ref):
   pre, model = ref["from_hf"], ref["model"]
-  m, p = Blip(pre.config), {"params": pre.params["pretrained_blip"]}
+  m, p = Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]}
   ids, mask, pixels = ref["ids"], ref["mask"], ref["pixels"]
   with torch.no_grad():
     hf_sim = model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
@@ -186,11 +187,11 @@ def test_itc_similarities(ref):
 
 def test_resampled_pos_embed_matches_hf_interpolate_pos_encoding(ref, tmp_path):
   """Converted at 48 px (4x4 -> 6x6 grid) vs HF's bicubic interpolate_pos_encoding at 48 px."""
-  pre = load_pretrained(convert(str(ref["dir"] / "hf"), str(tmp_path / "r48"), image_size=48))
-  assert pre.config.vision.image_size == 48
+  pre = load_param_dir(convert(str(ref["dir"] / "hf"), str(tmp_path / "r48"), image_size=48))
+  assert pre.model.blip.vision.image_size == 48
   assert pre.params["pretrained_blip"]["visual_encoder"]["pos_embed"].shape == (1, 37, 32)
   pixels = tr.sample_inputs(batch=2, image_size=48, seed=3)[0]
-  m, p = Blip(pre.config), {"params": pre.params["pretrained_blip"]}
+  m, p = Blip(pre.model.blip), {"params": pre.params["pretrained_blip"]}
   ours = m.apply(p, tr.nhwc(pixels), method=Blip.encode_image).last_hidden_state
   with torch.no_grad():
     hf = ref["model"].vision_model(pixels, interpolate_pos_encoding=True).last_hidden_state
@@ -199,7 +200,7 @@ def test_resampled_pos_embed_matches_hf_interpolate_pos_encoding(ref, tmp_path):
 
 def test_export_round_trip_loads_in_transformers_with_same_outputs(ref, tmp_path):
   pre, model = ref["from_orig"], ref["model"]
-  out = export_hf(pre.params, pre.config, str(tmp_path / "exported"))
+  out = export_hf(pre.params, pre.model.blip, str(tmp_path / "exported"))
   back, info = BlipForImageTextRetrieval.from_pretrained(out, output_loading_info=True)
   back.eval()
   assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -215,7 +216,7 @@ def test_export_round_trip_loads_in_transformers_with_same_outputs(ref, tmp_path
       a = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=head)
       b = back(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=head)
       assert torch.equal(a.itm_score, b.itm_score)
-  again = load_pretrained(convert(out, str(tmp_path / "again")))
+  again = load_param_dir(convert(out, str(tmp_path / "again")))
   fa = flax.traverse_util.flatten_dict(again.params, sep="/")
   fb = flax.traverse_util.flatten_dict(pre.params, sep="/")
   assert fa.keys() == fb.keys()

@@ -1,4 +1,5 @@
-"""`python -m contextblip_jax.score` on random tiny checkpoints (with and without the adapter)."""
+"""`python -m contextblip_jax.score` on random tiny parameter directories: converted-style (with
+and without the adapter), a fine-tuning stage-2 workdir and its export/, legacy layouts."""
 
 import json
 import os
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.helpers.checkpoints import make_tiny_checkpoint, write_legacy_converted
+from tests.helpers.loops import make_export
 from contextblip_jax.data import preprocess
 from contextblip_jax.evaluation import scorer as score
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip, ENC_TOKEN_ID
-from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.storage.param_dir import load_param_dir
 from contextblip_jax.data.tokenizer import BlipTokenizer
 
 TEXT = "The dog, on the LEFT-hand side; is jumping!"
@@ -27,7 +29,9 @@ def ckpts(tmp_path_factory):
   root = tmp_path_factory.mktemp("ckpts")
   # Same seed: identical BLIP weights, the second one adds a vision adapter.
   return {"plain": make_tiny_checkpoint(root, with_adapter=False, seed=0),
-          "adapter": make_tiny_checkpoint(root, with_adapter=True, seed=0)}
+          "adapter": make_tiny_checkpoint(root, with_adapter=True, seed=0),
+          # a fine-tuning stage-2 workdir: adapter, TMIM, prediction layer, context encoder
+          "stage2": make_export(root / "finetune2", "finetune2", seed=3, tree="all", step=7)}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,13 @@ def _run(capsys, argv):
 
 def _direct(ckpt_dir, paths, caption, max_length=30):
   """The scores computed step by step with Blip.apply (no batching, text repeated per image)."""
-  pre = load_pretrained(ckpt_dir)
-  cfg = pre.config
+  pre = load_param_dir(ckpt_dir)
+  cfg = pre.model.blip
   model = Blip(cfg)
   adapter = None
-  if pre.adapter is not None:
-    adapter = MultiScaleAdapter(cfg.vision.width, tuple(pre.adapter["taps"]),
-                                pre.adapter["reduction"])
+  if pre.model.use_adapter:
+    adapter = MultiScaleAdapter(cfg.vision.width, pre.model.adapter_taps,
+                                pre.model.adapter_reduction)
   pixels = preprocess.load_images(paths, cfg.vision.image_size)
   enc = BlipTokenizer(pre.vocab_path)([caption] * len(paths), max_length=max_length)
 
@@ -121,7 +125,7 @@ def test_adapter_changes_itm_not_itc(capsys, ckpts, images):
 
 def test_batching_pads_without_changing_scores(ckpts, images):
   pixels = preprocess.load_images(images, 32)
-  pre = load_pretrained(ckpts["plain"])
+  pre = load_param_dir(ckpts["plain"])
   whole = score.Scorer(pre, batch_size=10).score_pixels(pixels, TEXT)
   pieces = score.Scorer(pre, batch_size=3).score_pixels(pixels, TEXT)   # 3 + (1 padded to 3)
   assert whole["itm_prob"].shape == pieces["itm_prob"].shape == (4,)
@@ -158,7 +162,49 @@ def test_bad_image_is_a_clean_error_naming_the_file(capsys, tmp_path, ckpts, ima
 
 def test_missing_checkpoint_is_a_clean_error(capsys, tmp_path, images):
   rc, out, err = _run(capsys, ["--checkpoint", str(tmp_path / "nope"), "--text", "a", images[0]])
-  assert rc == 1 and out == "" and "nope" in err and "config.json" in err
+  assert rc == 1 and out == "" and "nope" in err and "no such parameter directory" in err
+  (tmp_path / "not_params").mkdir()
+  (tmp_path / "not_params" / "config.json").write_text("{}")   # e.g. a workdir without export/
+  rc, out, err = _run(capsys, ["--checkpoint", str(tmp_path / "not_params"), "--text", "a",
+                               images[0]])
+  assert rc == 1 and out == ""
+  assert f"{tmp_path / 'not_params'} is not a parameter directory" in err
+
+
+def test_stage2_workdir_and_its_export_score_like_the_direct_computation(capsys, ckpts,
+                                                                        images):
+  """Any stage's export is scored through ContextBlip (the groups beyond BLIP + adapter unused),
+  whether --checkpoint names the workdir or its export/."""
+  reports = []
+  for path in (ckpts["stage2"], os.path.join(ckpts["stage2"], "export")):
+    rc, out, err = _run(capsys, ["--checkpoint", path, "--text", TEXT, *images])
+    assert rc == 0, err
+    reports.append(json.loads(out))
+  a, b = reports
+  assert a["checkpoint"] == os.path.abspath(ckpts["stage2"])
+  assert a["parameters"] == b["parameters"] == os.path.join(ckpts["stage2"], "export")
+  assert a["source"] == "stage finetune2 step 7" and a["provenance"]["writer"] == "train"
+  assert a["vision_adapter"] == {"taps": [1, 2, 3, 4], "reduction": 2}
+  assert a["images"] == b["images"]
+  prob = np.array([r["itm_prob"] for r in a["images"]])
+  want_prob, want_itc, want_logits = _direct(ckpts["stage2"], images, a["caption"])
+  np.testing.assert_allclose(prob, want_prob, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([r["itc_sim"] for r in a["images"]], want_itc, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([r["itm_logits"] for r in a["images"]], want_logits, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_legacy_converted_dir_scores_the_same(capsys, ckpts, images, tmp_path, caplog):
+  new = load_param_dir(ckpts["adapter"])
+  old = write_legacy_converted(str(tmp_path / "old"), new.model, new.params,
+                               source="random tiny BLIP (legacy)")
+  want = json.loads(_run(capsys, ["--checkpoint", ckpts["adapter"], "--text", TEXT,
+                                  *images])[1])
+  rc, out, err = _run(capsys, ["--checkpoint", old, "--text", TEXT, *images])
+  assert rc == 0, err
+  got = json.loads(out)
+  assert got["images"] == want["images"] and got["vision_adapter"] == want["vision_adapter"]
+  assert "legacy" in caplog.text and "re-convert" in caplog.text
 
 
 def test_module_entry_point_exit_status(tmp_path, ckpts, images):

@@ -13,7 +13,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from contextblip_jax.parallel import sharding as shd
-from contextblip_jax.training import steps
 from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
 
@@ -72,7 +71,7 @@ def test_constraints_are_active_while_a_step_is_traced():
   mesh = shd.make_mesh({"data": 4, "fsdp": 2})
   f = lambda x: layers.constrain(x * 2, ("batch", "length", "embed"))
   x = jax.ShapeDtypeStruct((8, 4, 6), jnp.float32)
-  with_rules = jax.jit(steps._with_context(f, mesh, None)).lower(x).as_text()
+  with_rules = jax.jit(shd.with_mesh_rules(f, mesh, None)).lower(x).as_text()
   without = jax.jit(f).lower(x).as_text()
   assert "sharding_constraint" in with_rules or "@Sharding" in with_rules
   assert "sharding_constraint" not in without and "@Sharding" not in without
@@ -110,3 +109,16 @@ def test_golden_tiny_param_shardings():
          "P('tensor', 'fsdp')" in table
   assert "pretrained_blip/visual_encoder/blocks_0/mlp/fc1/kernel  (32, 64)  " \
          "P('fsdp', 'tensor')" in table
+
+
+def test_mesh_from_config():
+  from configs import common
+  cfg = common.base_config("pretrain")
+  mesh = shd.mesh_from_config(cfg)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  cfg.mesh.fsdp, cfg.num_devices = 2, 4
+  assert dict(shd.mesh_from_config(cfg).shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+  cfg.num_devices = 0
+  cfg.mesh_dcn.data = 2       # two granules asked for; one process is one granule
+  with pytest.raises(ValueError, match="needs 2 devices, have 1"):
+    shd.mesh_from_config(cfg)

@@ -22,7 +22,8 @@ from flax import traverse_util
 
 from contextblip_jax.training import objectives
 from contextblip_jax.training import optim
-from contextblip_jax.training import steps
+from contextblip_jax.training import masking, steps
+from contextblip_jax.parallel import compilation
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
@@ -31,7 +32,7 @@ from contextblip_jax.models.variants import get_variant
 from contextblip_jax.training.train_state import (TrainState, merge_params, partition_params,
                                          trainable_paths)
 
-FAST = {"xla_backend_optimization_level": 0}
+FAST = compilation.FAST_COMPILE
 # The freeze rules of the stage configs (configs/*.py, SPEC §3.9), over each stage's tree.
 PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]
 BACKBONE_RULES = [(".*", "train")]
@@ -119,7 +120,7 @@ def _setup(model, stage, params, rules, opt, mesh, loss_fn, batch, **kw):
                                      compiler_options=FAST)
   bsh = shd.batch_shardings(batch, mesh)
   step = steps.make_train_step(loss_fn, opt, sh, bsh, mesh=mesh, compiler_options=FAST, **kw)
-  compiled, report = steps.compile_step(step, state, batch, mesh=mesh)
+  compiled, report = compilation.compile_step(step, state, batch, mesh=mesh)
   return state, compiled, report, jax.device_put(batch, bsh), step
 
 
@@ -278,8 +279,9 @@ def test_frozen_vit_gets_no_backward_pass(all_params):
   step = _lowered_flops(steps.make_train_step(lf, popt, sh, shd.batch_shardings(pb, mesh),
                                               mesh=mesh), abstract, pb)
   c = pm.config
-  visible = jnp.broadcast_to(jnp.arange(c.num_masked, c.num_patches),
-                             (pb["image"].shape[0], c.num_patches - c.num_masked))
+  m = masking.num_masked(masking.DEFAULT_MASK_RATIO, c.num_patches)
+  visible = jnp.broadcast_to(jnp.arange(m, c.num_patches),
+                             (pb["image"].shape[0], c.num_patches - m))
   vit_full = _lowered_flops(jax.jit(functools.partial(pm.apply, method=ContextBlip.encode_image)),
                             {"params": all_params}, pb["image"])
   vit_vis = _lowered_flops(jax.jit(functools.partial(pm.apply,

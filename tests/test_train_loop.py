@@ -11,6 +11,7 @@ import pytest
 from tests.helpers.checkpoints import make_tiny_checkpoint
 from configs import finetune_stage1
 from contextblip_jax.run import train
+from contextblip_jax.storage import param_dir
 from contextblip_jax.storage import workdir as wd
 from tests.helpers.loops import compilation_cache, make_data
 
@@ -97,8 +98,10 @@ def test_finished_stage_is_reused_and_skips_are_logged(env):
   assert records[0]["skipped_descriptions"] == again["skipped_descriptions"] > 0
   losses = [r for r in records if "loss" in r and r["stage"] == "finetune1"]
   assert [r["step"] for r in losses][:N] == list(range(1, N + 1))
-  export = wd.load_init(str(workdir))
-  assert export.meta["stage"] == "finetune1" and "prediction_layer" in export.params
+  export = param_dir.load_param_dir(str(workdir))
+  assert export.provenance["stage"] == "finetune1" and "prediction_layer" in export.params
+  assert export.provenance["init"]["path"] == env["ckpt"]
+  assert export.provenance["init"]["provenance"]["source"].startswith("random tiny BLIP")
 
 
 def test_missing_init_and_bad_mode_are_clear_errors(env, tmp_path):
@@ -130,5 +133,6 @@ def test_epoch_evaluations_export_the_best_epoch(env):
     accs[step] = json.loads(path.read_text())["all"]["acc"]
   assert out["best_valid_acc"] == max(accs.values())
   assert accs[out["best_step"]] == max(accs.values())
-  export = wd.load_init(str(env["root"] / "best"))
-  assert export.meta["step"] == out["best_step"]
+  export = param_dir.load_param_dir(str(env["root"] / "best"))
+  assert export.provenance["step"] == out["best_step"]
+  assert export.provenance["valid_acc"] == out["best_valid_acc"]

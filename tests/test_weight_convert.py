@@ -14,9 +14,10 @@ import torch
 
 from tests.helpers import torch_reference as tr
 from contextblip_jax.models.variants import get_variant
-from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.storage.param_dir import blip_model_config, load_param_dir
 from weight_convert import (ConversionError, UnsafeCheckpointError, abstract_params, convert,
-                            export_hf, load_source, mapping, resample_pos_embed, to_flax)
+                            export_hf, load_source, mapping, resample_pos_embed, to_flax,
+                            to_state_dict)
 from weight_convert.__main__ import main
 from weight_convert.infer_config import adapter_from_source, config_from_hf
 from weight_convert.loaders import SourceState
@@ -51,7 +52,7 @@ def _siblings(path):
 
 def test_table_maps_every_leaf_once_and_matches_hf_and_original_key_sets(model):
   config = get_variant("tiny")
-  flat = _flat(abstract_params(config, {"taps": [1, 2, 3, 4], "reduction": 2}))
+  flat = _flat(abstract_params(blip_model_config(config, (1, 2, 3, 4), 2)))
   used_rules = set()
   hf_keys, orig_keys = set(), set()
   for path in flat:
@@ -170,8 +171,9 @@ def test_config_inference_names_a_missing_key():
 
 def test_contextblip_checkpoint_adapter_transposed_and_tmim_reported(model, files, tmp_path):
   out = convert(files["cb"], str(tmp_path / "cb"), vision_heads=4, text_heads=4)
-  pre = load_pretrained(out)
-  assert pre.adapter == {"taps": [1, 2, 3, 4], "reduction": 2}
+  pre = load_param_dir(out)
+  assert pre.model.use_adapter and pre.model.adapter_taps == (1, 2, 3, 4)
+  assert pre.model.adapter_reduction == 2
   sd = tr.contextblip_state_dict(model)
   ad = pre.params["vision_adapter"]
   for i in range(4):
@@ -184,8 +186,9 @@ def test_contextblip_checkpoint_adapter_transposed_and_tmim_reported(model, file
   rep = to_flax(load_source(files["cb"]), vision_heads=4, text_heads=4).report
   assert rep.ignored == {"contextblip_tmim": 6, "position_ids": 1}
   logged = []
-  export_hf(pre.params, pre.config, str(tmp_path / "hf"), log=logged.append)
-  assert any("vision_adapter subtree has no Hugging Face counterpart" in s for s in logged)
+  export_hf(pre.params, pre.model.blip, str(tmp_path / "hf"), log=logged.append)
+  assert any("vision_adapter (ContextBLIP multi-scale adapter) is not representable in "
+             "BlipForImageTextRetrieval and is left out" in s for s in logged)
 
 
 def test_adapter_taps_and_delta_inferred_for_b16_shapes():
@@ -238,7 +241,7 @@ def test_existing_output_needs_overwrite(files, tmp_path):
   os.makedirs(out)
   with pytest.raises(FileExistsError, match="already exists"):
     convert(files["hf"], out)
-  assert load_pretrained(convert(files["hf"], out, overwrite=True)).config.vision.width == 32
+  assert load_param_dir(convert(files["hf"], out, overwrite=True)).model.blip.vision.width == 32
 
 
 class _Payload:
@@ -369,7 +372,7 @@ def test_cli_convert_and_export_with_stage_lines(files, tmp_path, capsys):
   for stage in ("[1/4] load", "[2/4] map", "[3/4] check", "[4/4] write"):
     assert stage in lines
   assert "ignored groups: momentum_encoders 4" in lines
-  assert load_pretrained(out).config.vision.image_size == 40
+  assert load_param_dir(out).model.blip.vision.image_size == 40
   hf_out = str(tmp_path / "hf_out")
   assert main(["export", "--checkpoint", out, "--out", hf_out]) == 0
   assert "[4/4] write" in capsys.readouterr().out
@@ -383,6 +386,52 @@ def test_cli_convert_and_export_with_stage_lines(files, tmp_path, capsys):
   assert "not a multiple of the patch size" in capsys.readouterr().err
 
 
+def test_cli_export_from_a_stage2_workdir_loads_in_transformers_and_matches(tmp_path, capsys):
+  """A fine-tuning stage-2 workdir (adapter, TMIM, prediction layer, context encoder) exports
+  its BLIP part; the left-out groups are named; transformers loads it with our weights and
+  outputs; converting it back gives the BLIP parameters exactly."""
+  import jax
+  import jax.numpy as jnp
+  from transformers import BlipForImageTextRetrieval
+  from contextblip_jax.models.blip import Blip
+  from tests.helpers.loops import make_export
+  work = make_export(tmp_path / "finetune2", "finetune2", seed=5, tree="all", step=3)
+  hf_out = str(tmp_path / "hf_out")
+  assert main(["export", "--checkpoint", work, "--out", hf_out]) == 0
+  lines = capsys.readouterr().out
+  assert f"[1/4] load: {os.path.join(work, 'export')} (stage finetune2 step 3;" in lines
+  assert ("vision_adapter (ContextBLIP multi-scale adapter) is not representable in "
+          "BlipForImageTextRetrieval and is left out") in lines
+  assert ("groups without a Hugging Face counterpart, left out: context_encoder, "
+          "decoder_pos_embed, mask_embed, prediction_layer, recon_head, text_adapter, "
+          "visual_decoder") in lines
+  pd = load_param_dir(work)
+  back, info = BlipForImageTextRetrieval.from_pretrained(hf_out, output_loading_info=True)
+  back.eval()
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert not info["mismatched_keys"], info
+  want, got = to_state_dict(pd.params, pd.model.blip), back.state_dict()
+  assert set(want) <= set(got)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k].numpy(), v, err_msg=k)
+  again = load_param_dir(convert(hf_out, str(tmp_path / "again")))
+  assert set(again.params) == {"pretrained_blip"}
+  flat_a, flat_b = _flat(again.params), _flat({"pretrained_blip": pd.params["pretrained_blip"]})
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+  pixels, ids, mask = tr.sample_inputs(batch=2, image_size=32, length=8)
+  with torch.no_grad():
+    hf = back(input_ids=tr.with_enc(ids), pixel_values=pixels, attention_mask=mask,
+              use_itm_head=True).itm_score.numpy()
+  m, p = Blip(pd.model.blip), {"params": pd.params["pretrained_blip"]}
+  with jax.default_matmul_precision("highest"):
+    embeds = m.apply(p, tr.nhwc(pixels), method=Blip.encode_image).last_hidden_state
+    ours = m.apply(p, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()), embeds,
+                   method=Blip.itm)
+  np.testing.assert_allclose(np.asarray(ours), hf, rtol=0, atol=1e-5)
+
+
 def test_cli_subprocess_hf_conversion_never_imports_torch(files, tmp_path):
   out = str(tmp_path / "ckpt")
   code = ("import sys; from weight_convert.__main__ import main; "
@@ -393,7 +442,7 @@ def test_cli_subprocess_hf_conversion_never_imports_torch(files, tmp_path):
                         cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[4/4] write" in proc.stdout
-  assert load_pretrained(out).config.text.num_heads == 4
+  assert load_param_dir(out).model.blip.text.num_heads == 4
 
 
 def test_cli_help_documents_both_modes(capsys):

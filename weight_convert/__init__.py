@@ -3,9 +3,11 @@
 Import (`convert`): an original Salesforce BLIP `.pth` (model_base.pth, model_base_14M.pth,
 model_base_retrieval_coco.pth; ContextBLIP checkpoints with `pretrained_blip.` keys and the
 multi-scale adapter) or a Hugging Face `BlipForImageTextRetrieval` directory -> a converted
-directory (`contextblip_jax.storage.param_dir`: Orbax params, config.json, vocab.txt).
-Export (`export_hf`, `export_checkpoint`): our parameters -> a HF directory (config.json +
-model.safetensors) that `BlipForImageTextRetrieval.from_pretrained` loads.
+parameter directory (`contextblip_jax.storage.param_dir`: params/, model.json, vocab.txt,
+provenance.json -- the format training stages export too).
+Export (`export_hf`, `export_checkpoint`): the BLIP part of our parameters (a converted
+directory or any stage's export) -> a HF directory (config.json + model.safetensors) that
+`BlipForImageTextRetrieval.from_pretrained` loads.
 
 Both directions use the one table in `weight_convert/mapping.py`. Loading is safe
 (safetensors, or `torch.load(weights_only=True)`); torch is imported only to read torch files.

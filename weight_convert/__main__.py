@@ -4,6 +4,12 @@
   python -m weight_convert --src hf/blip-itm-base-coco --out ckpt/itm384 --format hf
   python -m weight_convert --src model_base_retrieval_coco.pth --out ckpt/r224 --image-size 224
   python -m weight_convert export --checkpoint ckpt/blip_base --out hf/blip_base
+  python -m weight_convert export --checkpoint runs/finetune2 --out hf/finetune2_blip
+
+`convert` writes a parameter directory (contextblip_jax.storage.param_dir: params/, model.json,
+vocab.txt, provenance.json), the same format a training stage exports. `export` reads any
+parameter directory or stage workdir and writes its BLIP part; groups that Hugging Face cannot
+hold (the vision adapter, TMIM, fine-tuning heads) are named in the output and left out.
 
 One progress line per stage (load, map, check, write); exit status 1 with `error: ...` on
 stderr on any failure, in which case no output directory is left behind.
@@ -27,10 +33,13 @@ _USAGE = """
 
 _EPILOG = """\
 modes:
-  convert (default)  PyTorch -> Flax: --src PATH --out DIR
+  convert (default)  PyTorch -> Flax: --src PATH --out DIR (a parameter directory:
+                     params/, model.json, vocab.txt, provenance.json)
   export             Flax -> Hugging Face: --checkpoint DIR --out HF_DIR
-                     (a converted directory -> config.json + model.safetensors that
-                     transformers BlipForImageTextRetrieval.from_pretrained loads)
+                     (a converted directory, a stage workdir or its export/ -> config.json +
+                     model.safetensors that transformers BlipForImageTextRetrieval loads;
+                     the BLIP part only: a vision adapter, TMIM groups and fine-tuning heads
+                     are named in the output and left out)
 Run `python -m weight_convert convert --help` or `... export --help` for each mode's options.
 """
 
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Convert BLIP / ContextBLIP / Hugging Face BLIP weights to contextblip_jax "
                   "parameters, or export them back to Hugging Face.")
   sub = parser.add_subparsers(dest="mode", metavar="{convert,export}")
-  conv = sub.add_parser("convert", help="PyTorch checkpoint -> converted Flax directory")
+  conv = sub.add_parser("convert", help="PyTorch checkpoint -> parameter directory")
   conv.add_argument("--src", required=True,
                     help="original .pth/.safetensors file or HF BlipForImageTextRetrieval dir")
   conv.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -70,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ContextBLIP adapter: 1-based tapped ViT blocks, e.g. 3,6,9,12 "
                          "(default evenly spaced)")
   conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  exp = sub.add_parser("export", help="converted Flax directory -> Hugging Face directory")
-  exp.add_argument("--checkpoint", required=True, help="directory written by `convert`")
+  exp = sub.add_parser("export", help="parameter directory -> Hugging Face directory (BLIP "
+                                      "part)")
+  exp.add_argument("--checkpoint", required=True,
+                   help="parameter directory (written by `convert` or a training stage's "
+                        "export/) or a stage workdir")
   exp.add_argument("--out", required=True, help="HF output directory (must not exist)")
   exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return parser

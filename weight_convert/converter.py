@@ -8,8 +8,11 @@ Stages (each logs one progress line):
             mapping.py (`map_source`).
   3. check  every source key is used or in a named ignored group; any missing, unexpected or
             mis-shaped key raises `ConversionError` naming all of them (`MappingReport.check`).
-  4. write  `contextblip_jax.storage.param_dir.save_pretrained` (temp dir + rename: a failure leaves
-            nothing behind).
+  4. write  `contextblip_jax.storage.param_dir.write_param_dir` (temp dir + rename: a failure
+            leaves nothing behind): params/, model.json (the ContextBlipConfig of the source:
+            BLIP sizes, and the adapter's taps / reduction when it has one), vocab.txt, and
+            provenance.json {writer "weight_convert", source {path, format
+            original|contextblip|hf, sha256 of the file(s)}, summary (the mapping report)}.
 
   convert("model_base.pth", "ckpt/blip_base")                  # -> absolute path of the dir
   converted = to_flax(load_source("hf_dir"), image_size=224)   # in memory, no write
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -28,29 +32,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from contextblip_jax.data.tokenizer import VOCAB_PATH
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.data.tokenizer import VOCAB_PATH
+from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.storage.param_dir import save_pretrained
+from contextblip_jax.storage.param_dir import blip_model_config, write_param_dir
 from weight_convert import mapping
 from weight_convert.infer_config import (adapter_from_source, config_from_hf,
                                          config_from_original)
-from weight_convert.loaders import ConversionError, SourceState, load_source
+from weight_convert.loaders import BLIP_PREFIX, ConversionError, SourceState, load_source
 
 Log = Callable[[str], None]
 
 
-def abstract_params(config: BlipConfig, adapter: dict[str, Any] | None = None) -> dict:
-  """{"pretrained_blip": ..., ["vision_adapter": ...]} of jax.ShapeDtypeStruct (unboxed)."""
+def abstract_params(model: ContextBlipConfig | BlipConfig) -> dict:
+  """{"pretrained_blip": ..., ["vision_adapter": ...]} of jax.ShapeDtypeStruct (unboxed).
+
+  The adapter subtree is there when `model` is a ContextBlipConfig with `use_adapter`; a
+  BlipConfig gives the BLIP tree only.
+  """
+  config = model.blip if isinstance(model, ContextBlipConfig) else model
   s = config.vision.image_size
   px, ids = jnp.zeros((1, s, s, 3)), jnp.ones((1, 2), jnp.int32)
   tree = {"pretrained_blip": jax.eval_shape(
       lambda: nn.unbox(Blip(config).init(jax.random.key(0), px, ids, ids))["params"])}
-  if adapter is not None:
+  if isinstance(model, ContextBlipConfig) and model.use_adapter:
     x = jnp.zeros((1, config.vision.num_patches + 1, config.vision.width))
-    mod = MultiScaleAdapter(width=config.vision.width, taps=tuple(adapter["taps"]),
-                            reduction=adapter["reduction"])
+    mod = MultiScaleAdapter(width=config.vision.width, taps=model.adapter_taps,
+                            reduction=model.adapter_reduction)
     tree["vision_adapter"] = jax.eval_shape(
         lambda: nn.unbox(mod.init(jax.random.key(0), x, [x] * config.vision.depth))["params"])
   return tree
@@ -86,6 +96,11 @@ class MappingReport:
     groups = ", ".join(f"{k} {v}" for k, v in sorted(self.ignored.items())) or "none"
     return (f"used {len(self.used)} of {len(self.source.arrays)} source tensors; "
             f"ignored groups: {groups}")
+
+  def as_dict(self) -> dict[str, Any]:
+    """The JSON-ready summary recorded in provenance.json."""
+    return {"used_tensors": len(self.used), "source_tensors": len(self.source.arrays),
+            "ignored_groups": dict(sorted(self.ignored.items())), "notes": list(self.notes)}
 
 
 def map_source(source: SourceState, target: dict, allow_resample: bool = False
@@ -133,10 +148,14 @@ def map_source(source: SourceState, target: dict, allow_resample: bool = False
 
 @dataclasses.dataclass
 class Converted:
-  config: BlipConfig
+  model: ContextBlipConfig              # BLIP sizes (+ the adapter's taps / reduction)
   params: dict                          # {"pretrained_blip": ..., ["vision_adapter": ...]}
-  adapter: dict[str, Any] | None        # {"taps": [...], "reduction": int} or None
   report: MappingReport
+
+  @property
+  def config(self) -> BlipConfig:
+    """The BLIP part of `model`."""
+    return self.model.blip
 
 
 def source_config(source: SourceState, image_size: int | None = None, *,
@@ -187,17 +206,42 @@ def to_flax(source: SourceState, image_size: int | None = None, *,
   config, notes, resample = source_config(source, image_size, vision_heads=vision_heads,
                                           text_heads=text_heads, hf_config=hf_config)
   adapter = adapter_from_source(source, config, adapter_taps)
-  target = abstract_params(config, adapter)
+  model = blip_model_config(config, adapter["taps"] if adapter else None,
+                            adapter["reduction"] if adapter else 2)
+  target = abstract_params(model)
   params, report = map_source(source, target, allow_resample=resample)
   report.notes[:0] = source.notes + notes + _tied_embedding_note(source)
   n_leaves = len(traverse_util.flatten_dict(target))
   log(f"[2/4] map: {n_leaves} target parameters from {len(source.arrays)} source tensors"
-      + (f"; adapter taps {adapter['taps']} reduction {adapter['reduction']}" if adapter else ""))
+      + (f"; adapter taps {list(model.adapter_taps)} reduction {model.adapter_reduction}"
+         if model.use_adapter else ""))
   report.check()
   log(f"[3/4] check: ok: {report.summary()}")
   for note in report.notes:
     log(f"      note: {note}")
-  return Converted(config, params, adapter, report)
+  return Converted(model, params, report)
+
+
+def source_record(source: SourceState) -> dict[str, Any]:
+  """{path, format original|contextblip|hf, sha256 {file name: hex digest}} of `source` (an
+  HF directory: each of its .json, .safetensors and .bin files)."""
+  path = os.path.abspath(source.path)
+  if source.format == "hf":
+    fmt = "hf"
+    files = sorted(f for f in os.listdir(path) if f.endswith((".json", ".safetensors", ".bin"))
+                   and os.path.isfile(os.path.join(path, f)))
+    digests = {f: _sha256(os.path.join(path, f)) for f in files}
+  else:
+    contextblip = any(n.startswith(BLIP_PREFIX) for n in source.names.values()) or any(
+        k.startswith("vision_adapter.") for k in source.arrays)
+    fmt = "contextblip" if contextblip else "original"
+    digests = {os.path.basename(path): _sha256(path)}
+  return {"path": path, "format": fmt, "sha256": digests}
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None, *,
@@ -208,7 +252,8 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
 
   Args:
     src: checkpoint file ('original') or HF BlipForImageTextRetrieval directory ('hf').
-    out: output directory (contextblip_jax.storage.param_dir layout); must not exist unless overwrite.
+    out: output parameter directory (contextblip_jax.storage.param_dir); must not exist
+      unless overwrite.
     fmt: 'auto' | 'original' | 'hf'.
     image_size: target resolution; position embeddings are resampled if it differs.
     vision_heads, text_heads: head counts for original checkpoints (default width // 64).
@@ -226,7 +271,9 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
   log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
   conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
                  hf_config=hf_config, adapter_taps=adapter_taps, log=log)
-  path = save_pretrained(out, conv.config, conv.params, VOCAB_PATH, adapter=conv.adapter,
-                         source=f"{source.format}:{os.path.abspath(src)}", overwrite=overwrite)
+  provenance = {"writer": "weight_convert", "source": source_record(source),
+                "summary": conv.report.as_dict()}
+  path = write_param_dir(out, conv.params, conv.model, provenance, vocab_path=VOCAB_PATH,
+                         overwrite=overwrite)
   log(f"[4/4] write: {path}")
   return path

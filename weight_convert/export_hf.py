@@ -3,11 +3,16 @@
 The state dict is produced by walking mapping.RULES in reverse (`Hook.inverse`: kernels
 transposed back, HWIO -> OIHW), so import and export share one table. The directory holds
 `config.json` (infer_config.hf_config_dict; vision eps and dropout are ours, i.e. BLIP's) and
-`model.safetensors`; it is written to a temporary sibling and renamed into place. HF has no
-place for the ContextBLIP adapter: a `vision_adapter` subtree is left out and reported.
+`model.safetensors`; it is written to a temporary sibling and renamed into place.
+
+Only the BLIP part (`pretrained_blip`) has a Hugging Face counterpart. Every other group is
+left out and each is named in the log: the ContextBLIP vision adapter (BlipForImageTextRetrieval
+has no place for it, so the exported model's ITM runs on the plain BLIP image tokens and differs
+from `contextblip_jax.score` on an adapter checkpoint), and a stage's TMIM, `prediction_layer`
+and `context_encoder` groups.
 
   export_hf(params, config, "hf_out")          # params: {"pretrained_blip": ...} or Blip params
-  export_checkpoint("ckpt/blip_base", "hf_out")  # from a converted directory
+  export_checkpoint("ckpt/blip_base", "hf_out")  # any parameter directory or stage workdir
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from flax import traverse_util
 
 from contextblip_jax.storage.atomic import atomic_directory
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.storage.param_dir import load_pretrained
+from contextblip_jax.storage.param_dir import describe, load_param_dir
 from weight_convert import mapping
 from weight_convert.converter import abstract_params
 from weight_convert.infer_config import hf_config_dict
@@ -61,8 +66,9 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
-  if "vision_adapter" in params:
-    log("      note: the vision_adapter subtree has no Hugging Face counterpart; not exported")
+  if "pretrained_blip" in params:
+    for note in left_out_notes(params):
+      log(f"      note: {note}")
   state = to_state_dict(params, config, "hf")
   log(f"[2/4] map: {len(state)} tensors in HF BlipForImageTextRetrieval layout")
   log(f"[3/4] check: ok: every parameter mapped ({sum(v.size for v in state.values()):,} values)")
@@ -74,10 +80,24 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
   return out
 
 
+def left_out_notes(params: dict[str, Any]) -> list[str]:
+  """One line per top-level group of `params` other than pretrained_blip (not exported)."""
+  notes = []
+  if "vision_adapter" in params:
+    notes.append("the vision_adapter (ContextBLIP multi-scale adapter) is not representable in "
+                 "BlipForImageTextRetrieval and is left out: the exported model's ITM uses the "
+                 "plain BLIP image tokens")
+  others = sorted(k for k in params if k not in ("pretrained_blip", "vision_adapter"))
+  if others:
+    notes.append(f"groups without a Hugging Face counterpart, left out: {', '.join(others)}")
+  return notes
+
+
 def export_checkpoint(ckpt_dir: str, out: str, overwrite: bool = False,
                       log: Log | None = None) -> str:
-  """A converted directory (contextblip_jax.storage.param_dir) -> HF directory `out`."""
+  """A parameter directory (contextblip_jax.storage.param_dir: converted, or any stage's
+  export/) or a stage workdir -> HF directory `out`; its BLIP part (see the module doc)."""
   log = log or (lambda s: None)
-  pre = load_pretrained(ckpt_dir)
-  log(f"[1/4] load: converted checkpoint {ckpt_dir}")
-  return export_hf(pre.params, pre.config, out, overwrite=overwrite, log=log)
+  pd = load_param_dir(ckpt_dir)
+  log(f"[1/4] load: {pd.path} ({describe(pd.provenance)}; groups {', '.join(sorted(pd.params))})")
+  return export_hf(pd.params, pd.model.blip, out, overwrite=overwrite, log=log)

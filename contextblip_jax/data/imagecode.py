@@ -14,6 +14,11 @@ Output: an `ImagecodeSplit` with a flat list of `ImagecodeExample` (one per desc
 file order) and a list of `ImagecodeSet` (each set's 10 image paths once, with the indices of
 its examples), so an evaluation loop encodes each set's images once.
 
+Splits from config (`config.data`): `split_paths` (annotation JSON, image root, tags YAML of
+'train' | 'valid' | 'test'), `load_split` (read with the configured bad-input policy),
+`first_sets` (the first n sets, renumbered) and `skipped_records` (one prediction record per
+description the reader left out, so an evaluation's predictions file accounts for all).
+
 Bad input raises `ImagecodeDataError` naming the file and entry, or, with `on_error="skip"`,
 is recorded in `split.skipped` (and logged) and left out: a JSON not matching the schema (top
 level: always raises), an empty or non-string description, a label out of 0-9, a missing
@@ -363,3 +368,91 @@ def load_candidates(paths: Sequence[str], image_size: int) -> "np.ndarray":  # n
   if len(paths) != NUM_CANDIDATES:
     raise ImagecodeDataError(f"expected {NUM_CANDIDATES} candidate paths, got {len(paths)}")
   return preprocess.load_images(list(paths), image_size)
+
+
+# --------------------------------------------------------------------------- splits from config
+
+def split_paths(cfg: Any, split: str) -> tuple[str, str, str | None]:
+  """(annotation JSON, image root, tags YAML or None) of `split` from `cfg.data`.
+
+  Fields read: imagecode_dir (required), image_root (default <imagecode_dir>/image-sets),
+  annotation_yaml (valid only; default <imagecode_dir>/manual_annotation_valid.yaml when it
+  exists, an explicitly given one must exist).
+  """
+  d = cfg.data
+  if not d.imagecode_dir:
+    raise ValueError("config.data.imagecode_dir is required (directory with the IMAGECODE "
+                     "JSON files)")
+  if split not in SPLIT_FILES:
+    raise ValueError(f"unknown split {split!r}; known: {sorted(SPLIT_FILES)}")
+  json_path = os.path.join(d.imagecode_dir, SPLIT_FILES[split])
+  image_root = d.image_root or os.path.join(d.imagecode_dir, IMAGE_DIR)
+  tags = None
+  if split == "valid":
+    tags = d.annotation_yaml or os.path.join(d.imagecode_dir, ANNOTATION_FILE)
+    if not os.path.isfile(tags):
+      if d.annotation_yaml:
+        raise FileNotFoundError(f"config.data.annotation_yaml: {tags} not found")
+      tags = None
+  return json_path, image_root, tags
+
+
+def load_split(cfg: Any, split: str) -> ImagecodeSplit:
+  """Reads one IMAGECODE split with the configured bad-input policy (`cfg.data.on_error`).
+
+  With on_error='skip' every image is decoded up front so a corrupt one skips its set (and is
+  counted) instead of failing mid-run; with 'raise' a corrupt image raises at load time,
+  naming the file.
+  """
+  json_path, image_root, tags = split_paths(cfg, split)
+  skip = cfg.data.on_error == "skip"
+  return read_imagecode(json_path, image_root, annotation_path=tags,
+                        check_images="decode" if skip else True, on_error=cfg.data.on_error)
+
+
+def first_sets(split: ImagecodeSplit, n: int) -> ImagecodeSplit:
+  """The split restricted to its first `n` sets (set and example indices renumbered)."""
+  sets: list[ImagecodeSet] = []
+  examples: list[ImagecodeExample] = []
+  for s in split.sets[:n]:
+    first = len(examples)
+    for i in s.example_indices:
+      examples.append(dataclasses.replace(split.examples[i], set_index=len(sets)))
+    sets.append(dataclasses.replace(s, example_indices=tuple(range(first, len(examples)))))
+  log.info("using the first %d of %d sets of %s", len(sets), len(split.sets), split.source)
+  return ImagecodeSplit(split.source, split.labelled, examples, sets, list(split.skipped),
+                        list(split.unmatched_annotations))
+
+
+def skipped_records(split: ImagecodeSplit) -> list[dict[str, Any]]:
+  """One record per description the reader left out: {set, index, description, static, gold,
+  pred: None, scores: None, skipped: reason}, in the annotation file's order within a set.
+
+  Tag-file problems drop no description and give no record.
+  """
+  if not split.skipped:
+    return []
+  data = _load_json(split.source)
+  out: list[dict[str, Any]] = []
+  seen: set[tuple[str, int]] = set()
+  for s in split.skipped:
+    if s.file.endswith((".yaml", ".yml")):
+      continue
+    set_name, _, key = s.entry.partition("/")
+    entry = data.get(set_name)
+    if isinstance(entry, dict):
+      items = [(i, k, v) for i, (k, v) in enumerate(entry.items())]
+    elif isinstance(entry, list):
+      items = [(i, str(i), v) for i, v in enumerate(entry)]
+    else:
+      items = []
+    for i, k, text in items:
+      if (key and k != key) or (set_name, i) in seen:
+        continue
+      seen.add((set_name, i))
+      gold = int(k) if split.labelled and str(k).isdigit() else None
+      out.append({"set": set_name, "index": i,
+                  "description": text if isinstance(text, str) else repr(text),
+                  "static": not is_video_set(set_name), "gold": gold, "pred": None,
+                  "scores": None, "skipped": s.reason})
+  return out

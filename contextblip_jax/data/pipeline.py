@@ -7,7 +7,7 @@ All three are `grain.MapDataset` chains
 
 and every process walks the same global order: global batch b is records [b*G, (b+1)*G) of
 the (per-epoch reshuffled) order, and a process loads only its rows of it (by default the
-contiguous block process_index*G/P ... ; or `shard=distributed.data_shard(sharding, G)`), so N
+contiguous block process_index*G/P ... ; or `shard=distributed.process_batch_rows(sharding, G)`), so N
 processes see exactly the global batches one process would (assemble them with
 `distributed.global_batch`). Augmentation draws from a `np.random.Generator` that Grain seeds
 from (seed, global record index), so batches are deterministic given the seed and do not depend
@@ -37,7 +37,7 @@ Orbax use Grain's handler (grain 0.2.18, `grain/_src/python/checkpoint/handler.p
   ocp.CheckpointManager(dir, item_handlers={"data_iter": grain.checkpoint.CheckpointHandler()})
   save:    args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it), ...)
   restore: args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(it), ...)
-(one JSON file per process, process_<i>-of-<n>.json; `checkpointing.py` wraps this).
+(one JSON file per process, process_<i>-of-<n>.json; `storage/checkpoints.py` wraps this).
 
 Sources are picklable top-level classes, so `worker_count > 0` (spawned processes; scripts
 need a `__main__` guard and absl flags parsed) works and gives the same batches; the iterator
@@ -236,18 +236,18 @@ class LoadSet(grain.transforms.Map):
 
 # --------------------------------------------------------------------------- sharding
 
-def local_rows(global_batch_size: int, shard: Any = None) -> np.ndarray:
+def shard_rows(global_batch_size: int, shard: Any = None) -> np.ndarray:
   """Rows of each global batch this process loads.
 
-  `shard`: None (contiguous block of jax.process_index() among jax.process_count()), an
-  object with `.rows` (distributed.DataShard), or a sequence of row indices."""
+  `shard`: None (contiguous block of jax.process_index() among jax.process_count()) or the
+  row indices (`parallel.distributed.process_batch_rows` of the batch sharding)."""
   if shard is None:
     pi, pc = jax.process_index(), jax.process_count()
     if global_batch_size % pc:
       raise ValueError(f"global batch {global_batch_size} does not split over {pc} processes")
     n = global_batch_size // pc
     return np.arange(pi * n, (pi + 1) * n)
-  rows = np.asarray(getattr(shard, "rows", shard), np.int64).reshape(-1)
+  rows = np.asarray(shard, np.int64).reshape(-1)
   if rows.size == 0 or rows.min() < 0 or rows.max() >= global_batch_size:
     raise ValueError(f"shard rows {rows.tolist()} not within a global batch of "
                      f"{global_batch_size}")
@@ -296,7 +296,7 @@ class Pipeline:
 
 def _finish(ds: grain.MapDataset, n: int, global_batch_size: int, shard, num_epochs,
             num_threads, prefetch_buffer_size, worker_count) -> Pipeline:
-  rows = local_rows(global_batch_size, shard)
+  rows = shard_rows(global_batch_size, shard)
   if n < global_batch_size:
     raise ValueError(f"{n} records cannot fill one global batch of {global_batch_size}")
   ds = BatchRows(ds, global_batch_size, rows).batch(len(rows), drop_remainder=True)

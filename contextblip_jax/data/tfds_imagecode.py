@@ -113,18 +113,19 @@ def build(manual_dir: str, data_dir: str, config: str | ImagecodeConfig = "defau
   return builder
 
 
-def _text(x) -> str:
+def as_text(x) -> str:
+  """A TFDS text feature (bytes or str) as str."""
   return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
 
 
 def decode_record(r: dict[str, Any]) -> dict[str, Any]:
   """A data-source record with text as str: example_id, set_name, description, position,
   label, is_video, tags, image_names, image_bytes."""
-  return {"example_id": _text(r["example_id"]), "set_name": _text(r["set_name"]),
-          "description": _text(r["description"]), "position": int(r["position"]),
+  return {"example_id": as_text(r["example_id"]), "set_name": as_text(r["set_name"]),
+          "description": as_text(r["description"]), "position": int(r["position"]),
           "label": int(r["label"]), "is_video": bool(r["is_video"]),
-          "tags": tuple(_text(t) for t in r["tags"]),
-          "image_names": tuple(_text(t) for t in r["image_names"]),
+          "tags": tuple(as_text(t) for t in r["tags"]),
+          "image_names": tuple(as_text(t) for t in r["image_names"]),
           "image_bytes": tuple(bytes(b) for b in r["image_bytes"])}
 
 

@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from contextblip_jax.data import pairs as pairs_lib
-from contextblip_jax.data.tfds_imagecode import _text
+from contextblip_jax.data.tfds_imagecode import as_text
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,5 +92,5 @@ class TfdsPairSource:
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     r = self._source[i]
-    return {"image": bytes(r["image_bytes"]), "caption": _text(r["caption"]),
-            "id": _text(r["pair_id"])}
+    return {"image": bytes(r["image_bytes"]), "caption": as_text(r["caption"]),
+            "id": as_text(r["pair_id"])}

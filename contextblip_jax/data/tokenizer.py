@@ -152,11 +152,8 @@ def _split_punctuation(word: str) -> list[str]:
 # --------------------------------------------------------------------------- vocabulary
 
 def file_md5(path: str) -> str:
-  h = hashlib.md5()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def load_vocab(path: str, expected_md5: str | None = VOCAB_MD5) -> dict[str, int]:

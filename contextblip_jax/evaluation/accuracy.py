@@ -1,5 +1,6 @@
-"""IMAGECODE scoring (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy,
-the predictions JSONL and the leaderboard JSON.
+"""IMAGECODE accuracy (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy, the
+text report, the phenomenon tags, and the leaderboard mapping {set: [pred, ...]}.
+(The files of an evaluation are written by `evaluation/outputs.py`.)
 
 A prediction record is one description:
   {"set": str, "index": int (position among the set's descriptions), "description": str,
@@ -11,12 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from typing import Any, Iterable, Mapping, Sequence
-
-import numpy as np
-
-from contextblip_jax.storage.atomic import atomic_file
+from typing import Any, Mapping, Sequence
 
 CHANCE = 0.1   # 1 of 10 candidates
 TAG_NAMES = {  # IMAGECODE phenomenon tags (shared/imagecode/README.md)
@@ -120,22 +116,8 @@ def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:
   return out
 
 
-def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """One JSON line per description with all ten scores; returns the number written."""
-  n = 0
-  with atomic_file(path) as f:
-    for r in records:
-      scores = [float(s) for s in np.asarray(r["scores"], np.float64).reshape(-1)]
-      line = {"set": r["set"], "index": int(r["index"]), "description": r["description"],
-              "static": bool(r["static"]),
-              "gold": None if r.get("gold") is None else int(r["gold"]),
-              "pred": int(r["pred"]), "scores": scores}
-      f.write(json.dumps(line) + "\n")
-      n += 1
-  return n
-
-
 def read_predictions(path: str) -> list[dict[str, Any]]:
+  """The records of a `<name>.predictions.jsonl` file (outputs.write_predictions)."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -169,13 +151,3 @@ def leaderboard(records: Sequence[Mapping[str, Any]],
     raise ValueError(f"{len(by_key)} predictions for descriptions not in the test file, "
                      f"e.g. {extra}")
   return out
-
-
-def write_leaderboard(path: str, records: Sequence[Mapping[str, Any]],
-                      expected: Mapping[str, Sequence[Any]]) -> dict[str, list[int]]:
-  """Writes the leaderboard JSON (see `leaderboard`) and returns it."""
-  board = leaderboard(records, expected)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(board, f, indent=1)
-  return board

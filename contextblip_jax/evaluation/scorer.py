@@ -1,4 +1,4 @@
-"""Score one description against a few images with a converted checkpoint.
+"""Score one description against a few images with any parameter directory.
 
   python -m contextblip_jax.score --checkpoint DIR --text "a dog on a beach" img0.jpg img1.jpg
 
@@ -6,11 +6,14 @@ prints JSON: per image the ITM match probability (softmax index 1, [ENC] at posi
 SPEC §2.3) and the ITC cosine similarity (SPEC §2.4: [CLS]-first ids, unimodal text encoder,
 no temperature), the index of the best image by ITM probability, and the checkpoint used.
 
-DIR is a `contextblip_jax.storage.param_dir` directory. When it holds a vision adapter, ITM runs on the
-adapted image tokens `MultiScaleAdapter(LN_f(x_depth), taps)` (as ContextBLIP's zero-shot
-evaluation does, SPEC §7.2) while ITC keeps the plain BLIP image tokens. Text goes through
-`pre_caption_imagecode` (disable with --no-pre-caption) and the checkpoint's vocabulary at
-T = 30 (--max-length). Images are resized to the checkpoint's image size.
+DIR is read by `contextblip_jax.storage.param_dir.load_param_dir`: a converted BLIP directory,
+any training stage's workdir or its export/. The model is `ContextBlip(model.json)` and the
+scores come from its methods (`encode_image`, `adapt`, `multimodal`, `itm_logits`,
+`itc_image_features`, `itc_text_features`), so with a vision adapter ITM runs on the adapted
+image tokens (as ContextBLIP's zero-shot evaluation does, SPEC §7.2) while ITC keeps the plain
+BLIP image tokens; other groups of a stage's export (TMIM, fine-tuning heads) are not used.
+Text goes through `pre_caption_imagecode` (disable with --no-pre-caption) and the directory's
+vocabulary at T = 30 (--max-length). Images are resized to the model's image size.
 """
 
 from __future__ import annotations
@@ -27,75 +30,64 @@ import jax.numpy as jnp
 import numpy as np
 
 from contextblip_jax.data import preprocess
-from contextblip_jax.models.adapter import MultiScaleAdapter
-from contextblip_jax.models.blip import Blip
-from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.storage.param_dir import Pretrained, load_pretrained
 from contextblip_jax.data.tokenizer import DEFAULT_MAX_LENGTH, BlipTokenizer, pre_caption_imagecode
+from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, stage_param_names
+from contextblip_jax.storage.param_dir import ParamDir, describe, load_param_dir
 
 
-def make_score_fn(config: BlipConfig, adapter: dict[str, Any] | None = None):
+def _scores(model: ContextBlip, pixels, input_ids, attention_mask) -> dict[str, jax.Array]:
+  """`model.apply(..., method=_scores)`: pixels [N,S,S,3], one text ids/mask [1,T] -> scores."""
+  vision = model.encode_image(pixels)                                  # [N, 1+P, D] + taps
+  itm_embeds = model.adapt(vision)                                     # adapter (or identity)
+  n, t = pixels.shape[0], input_ids.shape[1]
+  ids = jnp.broadcast_to(input_ids, (n, t))
+  mask = jnp.broadcast_to(attention_mask, (n, t))
+  states = model.multimodal(ids, mask, itm_embeds).last_hidden_state  # [ENC] first
+  logits = model.itm_logits(states)                                    # [N, 2]
+  image_feat = model.itc_image_features(vision.last_hidden_state)      # [N, E]
+  text_feat = model.itc_text_features(input_ids, attention_mask)       # [1, E]
+  return {"itm_logits": logits, "itm_prob": jax.nn.softmax(logits, axis=-1)[:, 1],
+          "itc_sim": image_feat @ text_feat[0]}
+
+
+@functools.lru_cache(maxsize=8)
+def make_score_fn(config: ContextBlipConfig):
   """Returns jitted `score(params, pixels [N,S,S,3], ids [1,T], mask [1,T]) -> dict`.
 
   params = {"pretrained_blip": ..., ["vision_adapter": ...]}. The one text is tiled over the N
   images (SPEC §10 item 22). Outputs: itm_logits [N, 2], itm_prob [N], itc_sim [N] (float32).
   Cached, so every Scorer of the same architecture in a process shares one compilation.
   """
-  key = None if adapter is None else (tuple(adapter["taps"]), int(adapter["reduction"]))
-  return _make_score_fn(config, key)
-
-
-@functools.lru_cache(maxsize=8)
-def _make_score_fn(config: BlipConfig, adapter: tuple[tuple[int, ...], int] | None):
-  """`make_score_fn` with a hashable adapter key (taps, reduction)."""
-  model = Blip(config)
-  vision_adapter = None
-  if adapter is not None:
-    vision_adapter = MultiScaleAdapter(width=config.vision.width, taps=adapter[0],
-                                       reduction=adapter[1])
+  model = ContextBlip(config)
 
   def score(params, pixels, input_ids, attention_mask):
-    blip = {"params": params["pretrained_blip"]}
-    vis = model.apply(blip, pixels, vision_adapter is not None, method=Blip.encode_image)
-    image_embeds = vis.last_hidden_state                                  # [N, 1+P, D]
-    itm_embeds = image_embeds
-    if vision_adapter is not None:
-      itm_embeds = vision_adapter.apply({"params": params["vision_adapter"]}, image_embeds,
-                                        vis.taps)                         # [N, 1+P, D]
-    n, t = pixels.shape[0], input_ids.shape[1]
-    ids = jnp.broadcast_to(input_ids, (n, t))
-    mask = jnp.broadcast_to(attention_mask, (n, t))
-    logits = model.apply(blip, ids, mask, itm_embeds, method=Blip.itm)  # [N, 2], [ENC] first
-    image_feat = model.apply(blip, image_embeds, method=Blip.image_features)   # [N, E]
-    text_feat = model.apply(blip, input_ids, attention_mask,
-                            method=Blip.text_features)                    # [1, E]
-    return {"itm_logits": logits, "itm_prob": jax.nn.softmax(logits, axis=-1)[:, 1],
-            "itc_sim": image_feat @ text_feat[0]}
+    return model.apply({"params": params}, pixels, input_ids, attention_mask, method=_scores)
 
   return jax.jit(score)
 
 
 class Scorer:
-  """A loaded checkpoint plus its tokenizer and compiled scoring function."""
+  """A loaded parameter directory plus its tokenizer and compiled scoring function."""
 
-  def __init__(self, pretrained: Pretrained, max_length: int = DEFAULT_MAX_LENGTH,
+  def __init__(self, loaded: ParamDir, max_length: int = DEFAULT_MAX_LENGTH,
                pre_caption: bool = True, batch_size: int = 10, checkpoint_dir: str = ""):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self.pretrained = pretrained
-    self.checkpoint_dir = checkpoint_dir
-    self.config = pretrained.config
-    self.image_size = pretrained.config.vision.image_size
+    self.loaded = loaded
+    self.checkpoint_dir = checkpoint_dir or loaded.path
+    self.model = loaded.model
+    self.config = loaded.model.blip
+    self.image_size = self.config.vision.image_size
     self.max_length = max_length
     self.pre_caption = pre_caption
     self.batch_size = batch_size
-    has_adapter = "vision_adapter" in pretrained.params
-    if (pretrained.adapter is not None) != has_adapter:
-      raise ValueError("checkpoint config.json and params disagree about the vision adapter "
-                       f"(config adapter={pretrained.adapter}, params has adapter={has_adapter})")
-    self.tokenizer = BlipTokenizer(pretrained.vocab_path)
-    self.params = jax.device_put(pretrained.params)
-    self._score = make_score_fn(self.config, pretrained.adapter)
+    names = stage_param_names(self.model, "zero_shot")   # pretrained_blip [, vision_adapter]
+    missing = [k for k in names if k not in loaded.params]
+    if missing:
+      raise ValueError(f"{loaded.path}: no {', '.join(missing)} parameters to score with")
+    self.tokenizer = BlipTokenizer(loaded.vocab_path)
+    self.params = jax.device_put({k: loaded.params[k] for k in names})
+    self._score = make_score_fn(self.model)
 
   def encode_text(self, text: str) -> tuple[str, np.ndarray, np.ndarray]:
     """-> (cleaned caption, input_ids int32 [1, T], attention_mask int32 [1, T])."""
@@ -126,8 +118,8 @@ class Scorer:
 
   @classmethod
   def from_dir(cls, ckpt_dir: str, **kw) -> "Scorer":
-    """Loads a `contextblip_jax.storage.param_dir` directory."""
-    return cls(load_pretrained(ckpt_dir), checkpoint_dir=os.path.abspath(ckpt_dir), **kw)
+    """Loads a parameter directory or a stage workdir (`load_param_dir`)."""
+    return cls(load_param_dir(ckpt_dir), checkpoint_dir=os.path.abspath(ckpt_dir), **kw)
 
   def score_files(self, paths: Sequence[str], text: str) -> dict[str, Any]:
     """Loads, scores and reports (as the JSON-ready dict the CLI prints)."""
@@ -136,9 +128,12 @@ class Scorer:
     res = self.score_pixels(pixels, text)
     best = int(np.argmax(res["itm_prob"]))
     n_tok = int(mask[0].sum())
+    m = self.model
     return {
         "checkpoint": self.checkpoint_dir,
-        "source": self.pretrained.source,
+        "parameters": self.loaded.path,
+        "source": describe(self.loaded.provenance),
+        "provenance": self.loaded.provenance,
         "image_size": self.image_size,
         "model": {"patch_size": self.config.vision.patch_size,
                   "vision_width": self.config.vision.width,
@@ -146,7 +141,8 @@ class Scorer:
                   "text_width": self.config.text.hidden_size,
                   "text_layers": self.config.text.num_layers,
                   "embed_dim": self.config.embed_dim},
-        "vision_adapter": self.pretrained.adapter,
+        "vision_adapter": ({"taps": list(m.adapter_taps), "reduction": m.adapter_reduction}
+                           if m.use_adapter else None),
         "text": text,
         "caption": caption,
         "input_ids": [int(i) for i in ids[0, :n_tok]],
@@ -163,7 +159,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m contextblip_jax.score",
       description="ITM probability and ITC similarity of one text against images.")
   p.add_argument("--checkpoint", required=True,
-                 help="converted checkpoint directory (contextblip_jax.storage.param_dir format)")
+                 help="parameter directory (converted BLIP, or a stage's export/) or a stage "
+                      "workdir")
   p.add_argument("--text", required=True, help="the description to score")
   p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                  help="token length T incl. [CLS]/[SEP] (default %(default)s)")

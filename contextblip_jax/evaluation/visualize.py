@@ -3,8 +3,9 @@
 For each of the first sets of a labelled split, on its first description and gold image:
   panel 1  the image
   panel 2  the text -> image cross-attention (mean over layers, heads and the description's
-           word tokens) over the patch grid, overlaid on the image
-  panel 3  the TMIM text-guided mask (SPEC §4): the top pi*P patches by that attention, greyed
+           word tokens: `masking.patch_scores` with token_choice='valid_mean', no noise) over
+           the patch grid, overlaid on the image
+  panel 3  the TMIM text-guided mask (SPEC §4): the top pi*P patches by that score, greyed
 The description is the row title. Rendering uses matplotlib's Agg backend (no display).
 """
 
@@ -29,17 +30,20 @@ from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
 @functools.partial(jax.jit, static_argnames=("model", "mask_ratio"))
 def _attention_and_mask(params, pixels, input_ids, attention_mask, *, model: ContextBlip,
                         mask_ratio: float):
-  """([B, P] attention over patches, [B, P] bool mask) for one text per image."""
+  """([B, P] attention over patches, [B, P] bool mask) for one text per image.
+
+  Both come from `masking.patch_scores` with the 'valid_mean' token weighting and no noise:
+  the heat map is that score (L2-normalised per image) and the mask its top-M patches.
+  """
+  key = jax.random.PRNGKey(0)                   # unused without noise / a random token
   embeds = model.apply({"params": params}, pixels, method=ContextBlip.image_embeds)
   out = model.apply({"params": params}, input_ids, attention_mask, embeds, True, True,
                     method=ContextBlip.multimodal)
-  attn = jnp.stack(out.cross_attentions, axis=1)                    # [B, L, H, T, 1 + P]
-  attn = attn.mean(axis=(1, 2))[..., 1:]                            # [B, T, P]
-  w = masking.content_token_mask(attention_mask).astype(jnp.float32)  # [B, T]
-  heat = jnp.einsum("bt,btp->bp", w, attn) / jnp.sum(w, axis=1, keepdims=True)
+  heat = masking.patch_scores(out.cross_attentions, attention_mask, key,
+                              token_choice="valid_mean", noise=0.0)        # [B, P]
   masked_idx, _ = masking.select_masked_patches(
-      out.cross_attentions, attention_mask, jax.random.PRNGKey(0), mask_ratio=mask_ratio,
-      token_choice="valid_mean", noise=0.0)
+      out.cross_attentions, attention_mask, key, mask_ratio=mask_ratio,
+      token_choice="valid_mean", noise=0.0)                                # [B, M]
   p = heat.shape[1]
   mask = jnp.zeros_like(heat, bool).at[jnp.arange(heat.shape[0])[:, None], masked_idx].set(True)
   return heat, mask[:, :p]
@@ -47,8 +51,10 @@ def _attention_and_mask(params, pixels, input_ids, attention_mask, *, model: Con
 
 def attention_figures(model: ContextBlip, params: Any, split: imagecode.ImagecodeSplit,
                       out_path: str, num_sets: int = 4, max_length: int = 30,
-                      tokenizer: BlipTokenizer | None = None) -> list[str]:
-  """Writes `<out_path>.png` for the first `num_sets` labelled sets; returns [path] ([] when
+                      tokenizer: BlipTokenizer | None = None,
+                      mask_ratio: float = masking.DEFAULT_MASK_RATIO) -> list[str]:
+  """Writes `<out_path>.png` for the first `num_sets` labelled sets (mask: the top
+  `mask_ratio` of the patches, the objective's pi); returns [path] ([] when
   nothing to draw). Runs on process 0 only."""
   if jax.process_index() != 0:
     return []
@@ -65,11 +71,10 @@ def attention_figures(model: ContextBlip, params: Any, split: imagecode.Imagecod
   tok = tokenizer or BlipTokenizer()
   pixels = np.stack([preprocess.load_image(e.image_paths[e.label], size) for e in chosen])
   enc = tok([pre_caption_imagecode(e.description) for e in chosen], max_length=max_length)
-  ratio = cfg.mask_ratio if cfg.mask_ratio > 0 else 0.25
   needed = {k: params[k] for k in ("pretrained_blip", "vision_adapter") if k in params}
   heat, mask = _attention_and_mask(
       jax.device_get(needed), jnp.asarray(pixels), jnp.asarray(enc["input_ids"]),
-      jnp.asarray(enc["attention_mask"]), model=model, mask_ratio=ratio)
+      jnp.asarray(enc["attention_mask"]), model=model, mask_ratio=mask_ratio)
   heat, mask = np.asarray(heat).reshape(-1, grid, grid), np.asarray(mask).reshape(-1, grid, grid)
   images = preprocess.denormalize(pixels)
 
@@ -86,7 +91,7 @@ def attention_figures(model: ContextBlip, params: Any, split: imagecode.Imagecod
                       interpolation="nearest")
     axes[i, 1].set_title("cross-attention", fontsize=7)
     axes[i, 2].imshow(masked)
-    axes[i, 2].set_title(f"text-guided mask ({int(ratio * 100)}%)", fontsize=7)
+    axes[i, 2].set_title(f"text-guided mask ({int(mask_ratio * 100)}%)", fontsize=7)
     for ax in axes[i]:
       ax.set_xticks([])
       ax.set_yticks([])

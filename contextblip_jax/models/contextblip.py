@@ -19,7 +19,8 @@ Entry points for `model.apply(..., method=ContextBlip.X)`:
   itc_image_features / itc_text_features   frozen ITC features (hard-negative sampling)
   reconstruct                              TMIM decoder prediction of the masked patches
   encode_candidates / candidate_states     IMAGECODE: vision once per set, text tiled K times
-  match_probability / zero_shot_scores     ITM softmax[:, 1] scores [G, K]
+  candidate_scores                         evaluation scores [G, K] of a head (SCORE_HEADS)
+  match_probability                        ITM softmax[:, 1] of [ENC] states (zero-shot)
   stage1_logits / stage2_logits            fine-tuning heads [G, K]
 Methods take `deterministic` explicitly and return their intermediates (ViT taps,
 cross-attention probabilities) in the return value; the losses live in `objectives.py`.
@@ -44,7 +45,9 @@ from contextblip_jax.models.mask_decoder import (MaskDecoder, TextAdapter,
 from contextblip_jax.models.variants import BlipConfig, TextConfig, get_variant
 from contextblip_jax.models.vit import VisionOutput
 
-MASK_TOKEN_CHOICES = ("reference", "valid_mean", "per_example")
+# Masking options that model configs saved before version 0.2 carried; they belong to the
+# objective now (ObjectiveConfig) and are dropped when such a config is read.
+LEGACY_MASK_FIELDS = ("mask_ratio", "mask_token_choice", "random_mask", "mask_noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +60,9 @@ class ContextBlipConfig:
   text_adapter_reduction: int = 2      # reduction of the TMIM text adapter
   decoder_layers: int = 4              # TMIM decoder depth
   decoder_heads: int = 8               # TMIM decoder heads (must divide the vision width)
-  mask_ratio: float = 0.25             # pi; M = int(pi * P) patches masked; 0 disables TMIM
-  mask_token_choice: str = "reference"  # 'reference' one t ~ U{0..T-1} shared by the batch |
-                                        # 'valid_mean' mean over valid non-special tokens |
-                                        # 'per_example' one valid non-special t per example
-  random_mask: bool = False            # True: uniform random mask instead of attention top-M
-  mask_noise: float = 0.02             # U(0, mask_noise) added to the normalised scores
+  use_tmim: bool = True                # the TMIM modules exist (decoder, mask token, ...);
+                                       # how patches are masked is the objective's business
+                                       # (training/objectives.py ObjectiveConfig)
   reference_patch_layout: bool = False  # True: the released code's (c,ph,pw) patch scramble
   context_layers: int = 2              # inter-context encoder depth
   context_heads: int = 8               # inter-context encoder heads
@@ -76,10 +76,6 @@ class ContextBlipConfig:
     if v.width % self.decoder_heads or t.hidden_size % self.context_heads:
       raise ValueError(f"decoder_heads {self.decoder_heads} must divide {v.width} and "
                        f"context_heads {self.context_heads} must divide {t.hidden_size}")
-    if self.mask_token_choice not in MASK_TOKEN_CHOICES:
-      raise ValueError(f"mask_token_choice {self.mask_token_choice!r} not in {MASK_TOKEN_CHOICES}")
-    if not 0.0 <= self.mask_ratio < 1.0:
-      raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
     if v.width != t.encoder_width:
       raise ValueError("the text encoder's encoder_width must equal the ViT width")
     object.__setattr__(self, "adapter_taps", tuple(self.adapter_taps))
@@ -87,11 +83,6 @@ class ContextBlipConfig:
   @property
   def num_patches(self) -> int:
     return self.blip.vision.num_patches
-
-  @property
-  def num_masked(self) -> int:
-    """M = int(mask_ratio * P) exactly as the reference (49 for 0.25 and 196 patches)."""
-    return int(self.mask_ratio * self.num_patches)
 
   @property
   def decoder_config(self) -> TextConfig:
@@ -115,7 +106,12 @@ class ContextBlipConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ContextBlipConfig":
+    """Inverse of `to_dict`; also reads dicts saved by older versions (masking options
+    dropped, a saved mask_ratio of 0 meaning no TMIM modules)."""
     d = dict(d)
+    legacy = {k: d.pop(k) for k in LEGACY_MASK_FIELDS if k in d}
+    if "use_tmim" not in d and legacy.get("mask_ratio", 1) == 0:
+      d["use_tmim"] = False
     known = {f.name for f in dataclasses.fields(cls)}
     if set(d) - known:
       raise ValueError(f"Unknown ContextBlipConfig keys: {sorted(set(d) - known)}")
@@ -258,6 +254,8 @@ class ContextBlip(nn.Module):
     return self.recon_head(gather_tokens(out, 1 + masked_idx))
 
   # ------------------------------------------------------------------ candidates (IMAGECODE)
+  SCORE_HEADS = ("zero_shot", "stage1", "stage2")   # `candidate_scores` heads (not a field)
+
   def encode_candidates(self, images: jax.Array) -> jax.Array:
     """images [G, K, S, S, 3] -> adapted image embeddings [G, K, N, D]."""
     g, k = images.shape[:2]
@@ -278,10 +276,28 @@ class ContextBlip(nn.Module):
     logits = self.itm_logits(states.reshape((-1, 1, states.shape[-1])))
     return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(states.shape[:-1])
 
-  def zero_shot_scores(self, images, input_ids, attention_mask) -> jax.Array:
-    """images [G, K, S, S, 3], one text per set [G, T] -> ITM match probabilities [G, K]."""
-    embeds = self.encode_candidates(images)
-    return self.match_probability(self.candidate_states(embeds, input_ids, attention_mask))
+  def candidate_scores(self, embeds, input_ids, attention_mask, head: str = "zero_shot",
+                       is_video: jax.Array | None = None) -> jax.Array:
+    """Evaluation scores [G, K] of each set's K candidates (argmax over K = the prediction).
+
+    Args:
+      embeds: [G, K, N, D] `encode_candidates` output (vision once per set, reusable).
+      input_ids, attention_mask: [G, T], one text per row, tiled over its K candidates.
+      head: static, one of SCORE_HEADS: 'zero_shot' ITM softmax[..., 1] of the unnormalised
+        [ENC] states; 'stage1' / 'stage2' the fine-tuned logits of the L2-normalised states.
+      is_video: [G] bool, 'stage2' only (the context encoder's positions).
+    """
+    if head not in self.SCORE_HEADS:
+      raise ValueError(f"unknown head {head!r}; known: {self.SCORE_HEADS}")
+    if head == "stage2" and is_video is None:
+      raise ValueError("head='stage2' needs is_video [G]")
+    states = self.candidate_states(embeds, input_ids, attention_mask)   # [G, K, Dt]
+    if head == "zero_shot":
+      return self.match_probability(states)
+    feat = l2_normalize(states)
+    if head == "stage1":
+      return self.stage1_logits(feat)
+    return self.stage2_logits(feat, is_video)
 
   # ------------------------------------------------------------------ fine-tuning heads
   def stage1_logits(self, feat: jax.Array) -> jax.Array:
@@ -329,7 +345,7 @@ PARAM_GROUPS: dict[str, tuple[str, ...]] = {
 }
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "backbone": ("blip",),                       # BLIP from scratch (objectives.backbone_loss)
-    "pretrain": ("blip", "adapter", "tmim"),     # tmim left out when mask_ratio == 0
+    "pretrain": ("blip", "adapter", "tmim"),     # tmim left out without use_tmim
     "zero_shot": ("blip", "adapter"),
     "finetune": ("blip", "adapter", "head", "context"),   # stages 1 and 2
     "all": tuple(PARAM_GROUPS),
@@ -341,7 +357,7 @@ def stage_param_names(config: ContextBlipConfig, stage: str) -> tuple[str, ...]:
   if stage not in STAGE_GROUPS:
     raise ValueError(f"unknown stage {stage!r}; known: {sorted(STAGE_GROUPS)}")
   groups = [g for g in STAGE_GROUPS[stage]
-            if not (g == "tmim" and stage == "pretrain" and config.num_masked == 0)
+            if not (g == "tmim" and not config.use_tmim)
             and not (g == "adapter" and not config.use_adapter)]
   return tuple(n for g in groups for n in PARAM_GROUPS[g])
 

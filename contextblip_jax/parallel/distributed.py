@@ -311,13 +311,6 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))))
 
 
-def sync(name: str) -> None:
-  """Barrier across processes (no-op with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 # --------------------------------------------------------------------------------------------
 # Per-process data
 # --------------------------------------------------------------------------------------------
@@ -347,35 +340,13 @@ def process_batch_rows(sharding: jax.sharding.Sharding, global_batch_size: int,
   return np.array(sorted(rows), dtype=np.int64)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataShard:
-  """This process's data shard: `index` of `count` distinct row sets; `rows` its global rows."""
-  index: int
-  count: int
-  rows: np.ndarray
-
-  @property
-  def local_batch_size(self) -> int:
-    return len(self.rows)
-
-  def contiguous(self) -> slice:
-    """The rows as a slice; raises if they are not contiguous."""
-    lo, hi = int(self.rows[0]), int(self.rows[-1]) + 1
-    if hi - lo != len(self.rows):
-      raise ValueError(f"process rows are not contiguous: {self.rows.tolist()}")
-    return slice(lo, hi)
-
-
-def data_shard(sharding: jax.sharding.Sharding, global_batch_size: int) -> DataShard:
-  """Which part of every global batch this process loads (see `process_batch_rows`).
-
-  `count` is the number of distinct row sets over all processes (processes that replicate the
-  batch, e.g. along a tensor axis, share an index); `index`/`count` suit grain `ShardOptions`.
-  """
-  sets = sorted({tuple(process_batch_rows(sharding, global_batch_size, p).tolist())
-                 for p in range(jax.process_count())})
-  mine = tuple(process_batch_rows(sharding, global_batch_size).tolist())
-  return DataShard(index=sets.index(mine), count=len(sets), rows=np.array(mine, np.int64))
+def mesh_batch_rows(mesh: jax.sharding.Mesh, global_batch_size: int, rules=None) -> np.ndarray:
+  """The rows of every global batch this process loads when batches are sharded over `mesh`
+  by the logical rules (`process_batch_rows` of the batch sharding): pass them to the Grain
+  pipelines as `shard`."""
+  from contextblip_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  row = jax.ShapeDtypeStruct((global_batch_size,), np.int32)
+  return process_batch_rows(sharding.batch_shardings(row, mesh, rules), global_batch_size)
 
 
 def global_batch(local_batch: Any, sharding: Any, global_batch_size: int | None = None) -> Any:
@@ -398,48 +369,8 @@ def global_batch(local_batch: Any, sharding: Any, global_batch_size: int | None 
   return jax.tree.unflatten(treedef, out)
 
 
-def local_rows(global_batch_np: Any, sharding: jax.sharding.Sharding) -> Any:
-  """This process's rows of a host-side global batch (pytree of [B, ...] arrays)."""
-  leaves = jax.tree.leaves(global_batch_np)
-  if not leaves:
-    return global_batch_np
-  rows = process_batch_rows(sharding, int(np.shape(leaves[0])[0]))
-  return jax.tree.map(lambda x: np.asarray(x)[rows], global_batch_np)
-
-
-def per_process_batch_size(global_batch_size: int, sharding: jax.sharding.Sharding) -> int:
-  """Rows this process loads per global batch; checks that the batch splits evenly."""
-  index_map = _batch_dim_sharding(sharding).devices_indices_map((global_batch_size,))
-  sizes = {len(range(global_batch_size)[idx[0]]) for idx in index_map.values()}
-  if len(sizes) != 1:
-    raise ValueError(f"global batch {global_batch_size} does not split evenly under {sharding}")
-  return len(process_batch_rows(sharding, global_batch_size))
-
-
-# --------------------------------------------------------------------------------------------
-# Meshes spanning slow links
-# --------------------------------------------------------------------------------------------
-
-def make_hybrid_mesh(ici: Mapping[str, int], dcn: Mapping[str, int],
-                     devices: Any = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh whose axes are ICI x DCN, for several TPU slices.
-
-  `ici` is the mesh inside one granule (a TPU slice, or a process where devices carry no slice
-  index), `dcn` the mesh of granules; sizes multiply axis by axis, e.g. ici {data: 16, fsdp: 16}
-  x dcn {data: 2} -> (32, 16, 1) with the outer factor of `data` across slices. Either may use
-  -1 for "the rest". Single-slice and single-node meshes should use `sharding.make_mesh`.
-  """
-  from jax.experimental import mesh_utils
-  from contextblip_jax.parallel import sharding
-  devices = list(jax.devices() if devices is None else devices)
-  slices = {getattr(d, "slice_index", None) for d in devices}
-  by_process = len(slices) <= 1 or None in slices
-  granules = len({d.process_index for d in devices}) if by_process else len(slices)
-  if len(devices) % granules:
-    raise ValueError(f"{len(devices)} devices do not split evenly over {granules} granules")
-  dcn_shape = sharding.mesh_shape(dcn, granules)
-  ici_shape = sharding.mesh_shape(ici, len(devices) // granules)
-  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
-                                              process_is_granule=by_process)
-  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+def global_shapes(local_batch: Any, global_batch_size: int) -> Any:
+  """Process-local batch (pytree of [local_B, ...] arrays) -> ShapeDtypeStructs of the global
+  batch [global_batch_size, ...] (to compile a step before the first global batch exists)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((global_batch_size,) + x.shape[1:],
+                                                     x.dtype), local_batch)

@@ -18,9 +18,10 @@ of those axes that divides it (possibly none = replicated); such fallbacks are l
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,15 +87,62 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
 
 
 def make_mesh(mesh_config: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axes (Explicit axes break sharded matmuls here).
+              devices: Sequence[jax.Device] | None = None, *,
+              dcn: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
+  """The one way to build a (data, fsdp, tensor) mesh, with Auto axes (Explicit axes break
+  sharded matmuls here). Enter it with `jax.set_mesh(mesh)`.
 
-  `mesh_config` defaults to {data: -1} (pure data parallel). Enter it with `jax.set_mesh(mesh)`.
+  `mesh_config` defaults to {data: -1} (pure data parallel; -1 = the rest). With `dcn` (several
+  TPU slices, or processes joined by a slow network) `mesh_config` is the mesh inside one
+  granule (a slice, or a process where devices carry no slice index) and `dcn` the mesh of
+  granules; sizes multiply axis by axis, e.g. {data: 16, fsdp: 16} x dcn {data: 2} ->
+  (32, 16, 1) with the outer factor of `data` across slices.
   """
   devices = list(devices) if devices is not None else jax.devices()
-  shape = mesh_shape(mesh_config or {"data": -1}, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn is None:
+    shape = mesh_shape(mesh_config or {"data": -1}, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  by_process = len(slices) <= 1 or None in slices
+  granules = len({d.process_index for d in devices}) if by_process else len(slices)
+  if len(devices) % granules:
+    raise ValueError(f"{len(devices)} devices do not split evenly over {granules} granules")
+  dcn_shape = mesh_shape(dcn, granules)
+  ici_shape = mesh_shape(mesh_config or {"data": -1}, len(devices) // granules)
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                              process_is_granule=by_process)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_from_config(cfg: Any) -> jax.sharding.Mesh:
+  """The run's mesh from `config.mesh` over all devices, or over the first
+  `config.num_devices` (single-process runs only; e.g. tests on the 8 forced CPU devices that
+  want one). `config.mesh_dcn` other than all ones (several TPU slices) builds the mesh as
+  `config.mesh` inside a slice times `config.mesh_dcn` across slices."""
+  n = int(cfg.get("num_devices", 0) or 0)
+  devices = None
+  if n:
+    if jax.process_count() > 1:
+      raise ValueError("config.num_devices applies to single-process runs only")
+    devices = jax.devices()[:n]
+  dcn = dict(cfg.get("mesh_dcn", None) or {})
+  multislice = any(int(v) != 1 for v in dcn.values())
+  return make_mesh(dict(cfg.mesh), devices, dcn=dcn if multislice else None)
+
+
+def with_mesh_rules(fn: Callable, mesh: jax.sharding.Mesh, rules=None) -> Callable:
+  """`fn` run with the logical rules and the (abstract) mesh active while it is traced, so
+  every `nn.with_logical_constraint` in the model resolves to mesh axes. Wrap every function
+  that is jitted over the mesh (train, eval and scoring steps) with it."""
+  rules = get_rules(rules)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def _axis_size(mesh: jax.sharding.Mesh, axes) -> int:
@@ -148,11 +196,6 @@ def param_shardings(boxed_abstract: Any, mesh: jax.sharding.Mesh, rules=None) ->
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(
       one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def logical_specs(boxed_abstract: Any) -> Any:
-  """Boxed abstract params -> unboxed tree of logical PartitionSpecs (names, not mesh axes)."""
-  return nn.get_partition_spec(boxed_abstract)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

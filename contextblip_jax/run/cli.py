@@ -2,9 +2,9 @@
 
   python -m contextblip_jax.main --config configs/<file>.py[:args] --workdir DIR [--config.x=v]
 
-`config.mode` selects what runs: backbone | pretrain | finetune1 | finetune2 (training,
-train.py), evaluate | predict (evaluate.py), demo (the whole method on the embedded synthetic
-default, demo.py). A rerun in the same workdir resumes from the latest checkpoint, or reuses a
+`config.mode` selects what runs: backbone | pretrain | finetune1 | finetune2 (one training
+stage, run/train.py), evaluate | predict (run/evaluate.py), demo (the whole method on the
+embedded synthetic default, run/demo.py). A rerun in the same workdir resumes from the latest checkpoint, or reuses a
 finished stage.
 """
 

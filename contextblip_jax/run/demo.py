@@ -3,7 +3,7 @@
 
 Layout of the workdir:
   data/                    the generated synthetic dataset (IMAGECODE layout + pairs)
-  backbone/ pretrain/ finetune1/ finetune2/   one stage workdir each (see workdir.py)
+  backbone/ pretrain/ finetune1/ finetune2/   one stage workdir each (see storage/workdir.py)
   predict/eval/            stage-2 predictions + leaderboard JSON for the unlabelled test file
   report.md, report.json   the table of accuracies against chance, timings, figures
 
@@ -20,11 +20,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from contextblip_jax.evaluation import accuracy
-from contextblip_jax.evaluation import loop as ev
-from contextblip_jax.run import train
-from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import synthetic
+from contextblip_jax.evaluation import accuracy
+from contextblip_jax.run import evaluate, train
+from contextblip_jax.storage import workdir as wd
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
 ROWS = (("pretrain", "zero-shot (ITM, after ContextBLIP pre-training)"),
@@ -106,7 +105,7 @@ def _predict(cfg, data_dir: str, workdir: str) -> dict[str, Any]:
   board = os.path.join(out_dir, "eval", "stage2_test.leaderboard.json")
   if os.path.isfile(board):
     return {"files": {"leaderboard": board}, "reused": True}
-  report = ev.run(c, out_dir)
+  report = evaluate.run(c, out_dir)
   return {"files": report["files"], "unlabelled": report.get("unlabelled")}
 
 

@@ -19,8 +19,8 @@ finished workdir returns the recorded summary without training again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import logging
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -30,18 +30,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from contextblip_jax.storage import checkpoints
-from contextblip_jax.parallel import distributed
-from contextblip_jax.training import objectives
-from contextblip_jax.training import optim
-from contextblip_jax.training import steps
-from contextblip_jax.evaluation import loop as ev
-from contextblip_jax.parallel import sharding as shd
-from contextblip_jax.storage import workdir as wd
+from contextblip_jax.data import imagecode
 from contextblip_jax.data import pairs as pairs_reader
-from contextblip_jax.data import pipeline
-from contextblip_jax.storage.metric_writers import MetricWriter, Progress
+from contextblip_jax.data import pipeline, tokenizer
+from contextblip_jax.evaluation import loop as ev
+from contextblip_jax.evaluation import scoring
 from contextblip_jax.models.contextblip import ContextBlip, init_params
+from contextblip_jax.parallel import compilation, distributed
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.run.model_config import model_config
+from contextblip_jax.storage import checkpoints, param_dir
+from contextblip_jax.storage import workdir as wd
+from contextblip_jax.storage.metric_writers import MetricWriter, Progress
+from contextblip_jax.training import masking, objectives, optim, steps
 
 TRAIN_STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
 LOSS = {"backbone": "backbone", "pretrain": "pretrain", "finetune1": "finetune_stage1",
@@ -50,24 +51,27 @@ PARAM_TREE = {"backbone": "backbone", "pretrain": "pretrain", "finetune1": "fine
               "finetune2": "finetune"}
 EVAL_HEAD = {"pretrain": "zero_shot", "finetune1": "stage1", "finetune2": "stage2"}
 
+# Parameter groups a training stage takes from the stage before it (the rest start fresh).
+TAKE_FROM_PREVIOUS = {
+    "backbone": (),
+    "pretrain": ("pretrained_blip", "vision_adapter"),
+    "finetune1": ("pretrained_blip", "vision_adapter"),
+    "finetune2": ("pretrained_blip", "vision_adapter", "prediction_layer"),
+}
 Hook = Callable[[int, dict], None]   # called after every step with (step, host metrics)
-FAST_COMPILE = {"xla_backend_optimization_level": 0}   # programs that run once (init)
-
-
-def compiler_options(cfg) -> dict | None:
-  """XLA options of the train / eval steps (config.compile_fast)."""
-  return FAST_COMPILE if cfg.get("compile_fast", False) else None
 
 
 # ------------------------------------------------------------------ data
 
 def train_pipeline(cfg: ml_collections.ConfigDict, stage: str, image_size: int,
-                   counts: dict[str, int]) -> pipeline.Pipeline:
-  """The stage's Grain pipeline; `counts` receives the skipped-item counts."""
+                   mesh: jax.sharding.Mesh, counts: dict[str, int]) -> pipeline.Pipeline:
+  """The stage's Grain pipeline (this process's rows of every global batch under `mesh`);
+  `counts` receives the skipped-item counts."""
   d, t = cfg.data, cfg.train
   common = dict(image_size=image_size, global_batch_size=t.batch_size, seed=cfg.seed,
                 max_length=d.max_length, augmentation=_augmentation(d.augmentation),
                 num_epochs=None,
+                shard=distributed.mesh_batch_rows(mesh, t.batch_size, cfg.sharding_rules),
                 cache_images=d.cache_images, num_threads=d.num_threads,
                 worker_count=d.worker_count)
   if stage in ("backbone", "pretrain"):
@@ -79,7 +83,7 @@ def train_pipeline(cfg: ml_collections.ConfigDict, stage: str, image_size: int,
                                    on_error=d.on_error)
     counts["skipped_pairs"] = data.num_skipped
     return pipeline.pretrain_pipeline(data, min_scale=d.min_scale, **common)
-  split = ev.load_split(cfg, "train")
+  split = imagecode.load_split(cfg, "train")
   counts["skipped_descriptions"] = split.num_skipped_descriptions
   return pipeline.imagecode_train_pipeline(split, **common)
 
@@ -101,10 +105,10 @@ def _make_model(cfg, stage) -> tuple[ContextBlip, dict[str, Any] | None, str]:
     if stage in ("finetune1", "finetune2"):
       raise ValueError(f"mode {stage!r} needs config.init_workdir (previous stage) or "
                        "config.init_checkpoint (converted BLIP)")
-    return ContextBlip(wd.model_config(cfg)), None, ""
-  source = wd.load_init(init_path)
-  model = ContextBlip(wd.model_config(cfg, source))
-  return model, wd.params_to_take(stage, source), source.path
+    return ContextBlip(model_config(cfg)), None, ""
+  source = param_dir.load_param_dir(init_path)
+  model = ContextBlip(model_config(cfg, source))
+  return model, params_to_take(stage, source), source.path
 
 
 def _sum_metrics(metrics_list: Sequence[dict]) -> dict[str, float]:
@@ -124,19 +128,31 @@ class _Eval:
     self.enabled = bool(self.head and cfg.data.imagecode_dir)
     if not self.enabled:
       return
-    self.split = ev.load_split(cfg, "valid")
+    self.split = imagecode.load_split(cfg, "valid")
     if cfg.eval.max_sets:
-      self.split = ev._first_sets(self.split, cfg.eval.max_sets)  # pylint: disable=protected-access
+      self.split = imagecode.first_sets(self.split, cfg.eval.max_sets)
     full = state_shardings.params
-    self.shardings = ev.head_params(full, model, self.head)
+    self.shardings = scoring.head_params(full, model, self.head)
     self.evaluator = ev.Evaluator(model, self.head, cfg, mesh, self.shardings)
     self.out_dir = os.path.join(workdir, wd.EVAL)
     self.model = model
 
   def __call__(self, state, name, writer, step) -> dict[str, Any]:
-    params = ev.head_params(state.params, self.model, self.head)
+    params = scoring.head_params(state.params, self.model, self.head)
     return ev.evaluate_split(self.evaluator, params, self.split, self.out_dir, name, writer,
                              step)
+
+
+def params_to_take(stage: str, source: param_dir.ParamDir) -> dict[str, Any]:
+  """The groups of `source` that `stage` starts from (missing required groups raise)."""
+  want = TAKE_FROM_PREVIOUS[stage]
+  have = {k: v for k, v in source.params.items() if k in want}
+  if "pretrained_blip" in want and "pretrained_blip" not in have:
+    raise ValueError(f"{source.path}: no 'pretrained_blip' parameters to start {stage} from")
+  if stage == "finetune2" and "prediction_layer" not in have:
+    raise ValueError(f"{source.path}: stage 2 starts from a stage-1 workdir; no "
+                     "'prediction_layer' found")
+  return have
 
 
 # ------------------------------------------------------------------ main loop
@@ -156,9 +172,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   wd.write_config(workdir, cfg)
   t_start = time.time()
   model, given, source = _make_model(cfg, stage)
-  mesh = wd.make_mesh(cfg)
+  mesh = shd.mesh_from_config(cfg)
   counts: dict[str, int] = {}
-  data = train_pipeline(cfg, stage, model.config.blip.vision.image_size, counts)
+  data = train_pipeline(cfg, stage, model.config.blip.vision.image_size, mesh, counts)
   spe = data.steps_per_epoch
   total = int(cfg.train.num_steps or cfg.train.num_epochs * spe)
   opt = optim.make_optimizer(cfg.optim, spe)
@@ -179,22 +195,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   else:
     state, _ = steps.init_train_state(init_fn, jax.random.PRNGKey(cfg.seed), tx=opt.tx,
                                       freeze_rules=freeze, mesh=mesh, rules=rules, params=given,
-                                      compiler_options=FAST_COMPILE)
+                                      compiler_options=compilation.FAST_COMPILE)
     distributed.log_main("%s: initialised (%s)", stage, f"from {source}" if source else
                          "from scratch")
   loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
                               cfg=_objective_cfg(cfg), train=True)
-  batch_abs = _batch_abstract(data)
+  batch_abs = distributed.global_shapes(next(iter(data)), data.global_batch_size)
   batch_sh = shd.batch_shardings(batch_abs, mesh, rules)
   reduction = "sum" if stage.startswith("finetune") else "mean"
   step_fn = steps.make_train_step(loss_fn, opt, state_sh, batch_sh, mesh=mesh, rules=rules,
                                   accum_steps=cfg.train.accum_steps, reduction=reduction,
-                                  compiler_options=compiler_options(cfg))
+                                  compiler_options=compilation.compiler_options(cfg))
   if cfg.train.compile_report:
-    step_fn, report = steps.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
+    step_fn, report = compilation.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
                                          name=f"{stage} train_step")
   evaluator = _Eval(cfg, model, stage, mesh, state_sh, workdir)
   writer = MetricWriter(workdir, stage=stage)
+  run = StageRun(cfg, workdir, stage, model, evaluator, writer, spe, total)
   start = int(state.step)
   summary: dict[str, Any] = {"stage": stage, "steps": total, "steps_per_epoch": spe,
                              "init": source, **counts}
@@ -220,8 +237,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             progress.update(done_steps - progress.count, loss=host["loss"])
             logged = []
         if eval_every and done_steps % eval_every == 0 and done_steps < total:
-          meta = _maybe_best(evaluator, state, writer, done_steps, spe, meta, cfg, workdir,
-                             model, stage)
+          meta = _maybe_best(run, state, done_steps, meta)
         ckpt.save(done_steps, state, data_iter, meta=meta)
         # all processes stop at the same step, whichever of them got the signal
         if distributed.any_process(guard.requested):
@@ -235,7 +251,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     distributed.log_main("%s: stopped on SIGTERM at step %d (checkpoint saved)", stage,
                          int(state.step))
     return {**summary, "preempted": True, "step": int(state.step)}
-  summary.update(_finish(cfg, workdir, model, stage, state, evaluator, writer, meta, total))
+  summary.update(_finish(run, state, meta))
   summary["seconds"] = round(time.time() - t_start, 1)
   writer.close()
   wd.write_done(workdir, summary)
@@ -266,60 +282,70 @@ def _init_tree(rng, *, model, tree, kernel_scale: float = 1.0):
 
 
 def _objective_cfg(cfg) -> objectives.ObjectiveConfig:
-  o = cfg.objective
-  return objectives.ObjectiveConfig(
-      frozen_dropout=o.frozen_dropout, itc_temperature=o.itc_temperature,
-      negatives_group_size=o.negatives_group_size or None,
-      mask_group_size=o.mask_group_size or None,
-      hard_negative_scale=o.hard_negative_scale)
+  """config.objective -> ObjectiveConfig (group sizes: 0 in the config = the whole batch)."""
+  o = cfg.objective.to_dict()
+  for k in ("negatives_group_size", "mask_group_size"):
+    o[k] = o[k] or None
+  return objectives.as_objective_config(o)
 
 
-def _batch_abstract(data: pipeline.Pipeline):
-  """Global-batch ShapeDtypeStructs from the pipeline's element spec (first batch peeked)."""
-  it = iter(data)
-  local = next(it)
-  n = jax.process_count()
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * n,) + x.shape[1:],
-                                                     x.dtype), local)
+@dataclasses.dataclass
+class StageRun:
+  """One stage's run, as the end-of-epoch and end-of-stage steps need it."""
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  stage: str
+  model: ContextBlip
+  evaluator: _Eval
+  writer: MetricWriter
+  steps_per_epoch: int
+  total_steps: int
+
+  def export(self, state, step: int, **meta) -> None:
+    """<workdir>/export: the stage's parameters for the next stage."""
+    wd.export_params(self.workdir, state.params, self.stage, self.model.config, step=step,
+                     vocab_path=tokenizer.VOCAB_PATH,
+                     init=self.cfg.init_workdir or self.cfg.init_checkpoint, **meta)
 
 
-def _maybe_best(evaluator, state, writer, step, spe, meta, cfg, workdir, model, stage):
+def _maybe_best(run: StageRun, state, step: int, meta: dict[str, Any]) -> dict[str, Any]:
   """Valid accuracy at an epoch boundary; exports the parameters when it is the best."""
-  if not evaluator.enabled:
+  if not run.evaluator.enabled:
     return meta
-  epoch = step // spe
-  report = evaluator(state, f"{evaluator.head}_valid_epoch{epoch}", writer, step)
+  epoch = step // run.steps_per_epoch
+  report = run.evaluator(state, f"{run.evaluator.head}_valid_epoch{epoch}", run.writer, step)
   acc = report["all"]["acc"]
   meta = dict(meta)
-  if cfg.train.select_best and acc > meta.get("best_acc", -1.0):
+  if run.cfg.train.select_best and acc > meta.get("best_acc", -1.0):
     meta.update(best_acc=acc, best_step=step)
-    wd.export_params(workdir, state.params, stage, model.config, step=step, valid_acc=acc)
+    run.export(state, step, valid_acc=acc)
     distributed.log_main("new best valid accuracy %.4f at step %d: exported", acc, step)
   return meta
 
 
-def _finish(cfg, workdir, model, stage, state, evaluator, writer, meta, total
-            ) -> dict[str, Any]:
+def _finish(run: StageRun, state, meta: dict[str, Any]) -> dict[str, Any]:
   """Final valid evaluation, the export for the next stage (best or last), the summary."""
+  cfg, evaluator, total = run.cfg, run.evaluator, run.total_steps
   out: dict[str, Any] = {"final_step": int(state.step)}
   if evaluator.enabled:
-    report = evaluator(state, f"{evaluator.head}_valid", writer, total)
+    report = evaluator(state, f"{evaluator.head}_valid", run.writer, total)
     out["valid"] = _compact(report)
     acc = report["all"]["acc"]
     if cfg.train.select_best and acc > meta.get("best_acc", -1.0):
       meta = {**meta, "best_acc": acc, "best_step": total}
-      wd.export_params(workdir, state.params, stage, model.config, step=total, valid_acc=acc)
+      run.export(state, total, valid_acc=acc)
     out["best_valid_acc"], out["best_step"] = meta.get("best_acc"), meta.get("best_step")
     if cfg.eval.visualize and jax.process_index() == 0:
       from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
-      params = ev.head_params(state.params, model, evaluator.head)
+      params = scoring.head_params(state.params, run.model, evaluator.head)
       out["figures"] = visualize.attention_figures(
-          model, params, evaluator.split,
-          os.path.join(workdir, wd.EVAL, f"{evaluator.head}_attention"),
-          num_sets=cfg.eval.visualize, max_length=cfg.data.max_length)
+          run.model, params, evaluator.split,
+          os.path.join(run.workdir, wd.EVAL, f"{evaluator.head}_attention"),
+          num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
+          mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
   if not (cfg.train.select_best and evaluator.enabled):
-    wd.export_params(workdir, state.params, stage, model.config, step=total)
-  out["export"] = os.path.join(workdir, wd.EXPORT)
+    run.export(state, total)
+  out["export"] = os.path.join(run.workdir, wd.EXPORT)
   return out
 
 

@@ -116,14 +116,6 @@ class Checkpointer:
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return out[STATE], dict(out[META] or {})
 
-  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-    """Only the meta dict of `step` (default latest); {} when there is no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return {}
-    out = self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    return dict(out[META] or {})
-
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._mngr.wait_until_finished()
@@ -137,31 +129,6 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def save_params(directory: str, params: Any, meta: Mapping[str, Any] | None = None) -> None:
-  """Writes a parameter tree (plus meta) once, synchronously, as step 0 under `directory`.
-
-  Used for the artefact a stage exports for the next stage (e.g. the best fine-tuned
-  parameters). Overwrites a previous export in the same directory.
-  """
-  with Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
-    for step in ckpt.all_steps():
-      ckpt._mngr.delete(step)  # pylint: disable=protected-access
-    ckpt.save(0, params, meta=meta, force=True)
-
-
-def load_params(directory: str, abstract: Any = None) -> tuple[Any, dict[str, Any]]:
-  """Reads what `save_params` wrote: (params, meta); into `abstract`'s shardings if given."""
-  with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no saved parameters in {directory}")
-    if abstract is None:
-      items = {STATE: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}
-      out = ckpt._mngr.restore(step, args=ocp.args.Composite(**items))  # pylint: disable=protected-access
-      return out[STATE], dict(out[META] or {})
-    return ckpt.restore(abstract, step=step)
 
 
 class SigtermGuard:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 TOKEN_CHOICES = ("reference", "valid_mean", "per_example")
+DEFAULT_MASK_RATIO = 0.25   # pi of the paper (SPEC §10 item 13); the one default in the code
 
 
 def num_masked(mask_ratio: float, num_patches: int) -> int:
@@ -85,7 +86,7 @@ def patch_scores(cross_attentions: Sequence[jax.Array], attention_mask: jax.Arra
 @functools.partial(jax.jit, static_argnames=("mask_ratio", "token_choice", "random_mask",
                                              "noise", "group_size"))
 def select_masked_patches(cross_attentions: Sequence[jax.Array], attention_mask: jax.Array,
-                          key: jax.Array, *, mask_ratio: float = 0.25,
+                          key: jax.Array, *, mask_ratio: float = DEFAULT_MASK_RATIO,
                           token_choice: str = "reference", random_mask: bool = False,
                           noise: float = 0.02, group_size: int | None = None
                           ) -> tuple[jax.Array, jax.Array]:

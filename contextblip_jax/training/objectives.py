@@ -1,4 +1,4 @@
-"""Per-stage loss functions of ContextBLIP and the evaluation scores (SPEC §4-7).
+"""Per-stage loss functions of ContextBLIP (SPEC §4-7).
 
 Every loss has the one signature the training machinery calls:
 
@@ -21,8 +21,9 @@ Losses:
   finetune_stage2_loss  inter-context encoder on frozen stage-1 features, SUM over G (§6.3).
                         batch {"images" [G,K,S,S,3], "input_ids" [G,T], "attention_mask" [G,T],
                         "label" [G] i32, "is_video" [G] bool}
-Evaluation: `encode_candidates` (vision once per image set) + `score_with_embeds`, or
-`zero_shot_scores` / `finetune_scores` in one call.
+The fine-tuning losses read the candidates through `ContextBlip.encode_candidates` +
+`candidate_states`; evaluation scores are the model's `candidate_scores` on the same
+embeddings (called by evaluation/scoring.py), not a function of this module.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from contextblip_jax.training import losses
-from contextblip_jax.training.masking import select_masked_patches
+from contextblip_jax.training import masking
 from contextblip_jax.models.blip import l2_normalize
 from contextblip_jax.models.contextblip import ContextBlip
 from contextblip_jax.models.mask_decoder import gather_tokens
@@ -54,6 +55,20 @@ class ObjectiveConfig:
                                       # token choice; per-device batch); None = global batch
   hard_negative_scale: float = 1.0  # backbone_loss: sampling sims x this (0 = uniform random
                                     # negatives, for a backbone trained from scratch)
+  # TMIM masking (pretrain_loss; training/masking.py). M = masking.num_masked(pi, P).
+  mask_ratio: float = masking.DEFAULT_MASK_RATIO  # pi; 0 = ITM-only pre-training
+  mask_token_choice: str = "reference"  # 'reference' one t ~ U{0..T-1} shared by the batch |
+                                        # 'valid_mean' mean over valid non-special tokens |
+                                        # 'per_example' one valid non-special t per example
+  random_mask: bool = False     # uniform random mask instead of the attention top-M
+  mask_noise: float = 0.02      # U(0, mask_noise) added to the normalised scores
+
+  def __post_init__(self):
+    if not 0.0 <= self.mask_ratio < 1.0:
+      raise ValueError(f"objective mask_ratio must be in [0, 1), got {self.mask_ratio}")
+    if self.mask_token_choice not in masking.TOKEN_CHOICES:
+      raise ValueError(f"objective mask_token_choice {self.mask_token_choice!r} not in "
+                       f"{masking.TOKEN_CHOICES}")
 
 
 def as_objective_config(cfg: Any) -> ObjectiveConfig:
@@ -141,7 +156,7 @@ def backbone_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
 
 # ------------------------------------------------------------------ (b) ContextBLIP pre-training
 def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bool = True):
-  """L = L_itm + L_tmim in the reference order (SPEC §5.7); mask_ratio 0 gives ITM only.
+  """L = L_itm + L_tmim in the reference order (SPEC §5.7); cfg.mask_ratio 0 gives ITM only.
 
   The frozen ViT passes and the ITC sampling features are computed under stop_gradient (the
   reference's no_grad); the gradient reaches the adapter through the frozen text encoder.
@@ -166,11 +181,14 @@ def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
   l_itm = losses.itm_loss(logits)
   metrics = {"itm_loss": l_itm, **_itm_metrics(logits)}
   loss = l_itm
-  if c.num_masked > 0:
+  if masking.num_masked(cfg.mask_ratio, c.num_patches) > 0:
+    if not c.use_tmim:
+      raise ValueError(f"objective mask_ratio {cfg.mask_ratio} needs the TMIM modules, but the "
+                       "model config has use_tmim=False")
     # 5. mask from the attentions.  6. visible-only ViT pass, adapter, decoder, L_tmim.
-    masked_idx, visible_idx = select_masked_patches(
-        pos.cross_attentions, mask, fold(rng, "mask"), mask_ratio=c.mask_ratio,
-        token_choice=c.mask_token_choice, random_mask=c.random_mask, noise=c.mask_noise,
+    masked_idx, visible_idx = masking.select_masked_patches(
+        pos.cross_attentions, mask, fold(rng, "mask"), mask_ratio=cfg.mask_ratio,
+        token_choice=cfg.mask_token_choice, random_mask=cfg.random_mask, noise=cfg.mask_noise,
         group_size=cfg.mask_group_size)
     visible = jax.lax.stop_gradient(
         _apply(model, params, ContextBlip.encode_visible, pixels, visible_idx))
@@ -185,61 +203,15 @@ def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
   return loss, metrics
 
 
-# ------------------------------------------------------------------ candidates (fine-tune / eval)
-def encode_candidates(params, images, *, model: ContextBlip):
-  """images [G, K, S, S, 3] -> adapted image embeddings [G, K, N, D] (vision part only)."""
-  return _apply(model, params, ContextBlip.encode_candidates, images)
-
-
-def candidate_states(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
-                     deterministic: bool = True, rng=None):
-  """embeds [G, K, N, D]; one text per set [G, T] tiled K times -> [ENC] states [G, K, Dt]."""
-  return _apply(model, params, ContextBlip.candidate_states, embeds, input_ids, attention_mask,
-                deterministic, rng=rng)
-
-
-def score_with_embeds(params, embeds, input_ids, attention_mask, *, model: ContextBlip,
-                      head: str = "zero_shot", is_video=None):
-  """Evaluation scores [G, K] from precomputed `encode_candidates` embeddings.
-
-  head 'zero_shot': ITM softmax[:, 1] (unnormalised [ENC] state); 'stage1' / 'stage2': the
-  fine-tuned logits (stage2 needs is_video [G]). argmax over K is the prediction.
-  """
-  if head not in ("zero_shot", "stage1", "stage2"):
-    raise ValueError(f"unknown head {head!r}; expected 'zero_shot', 'stage1' or 'stage2'")
-  if head == "stage2" and is_video is None:
-    raise ValueError("head='stage2' needs is_video [G]")
-  enc = candidate_states(params, embeds, input_ids, attention_mask, model=model)
-  if head == "zero_shot":
-    return _apply(model, params, ContextBlip.match_probability, enc)
-  feat = l2_normalize(enc)
-  if head == "stage1":
-    return _apply(model, params, ContextBlip.stage1_logits, feat)
-  return _apply(model, params, ContextBlip.stage2_logits, feat, is_video)
-
-
-def zero_shot_scores(params, images, input_ids, attention_mask, *, model: ContextBlip):
-  """images [G, K, S, S, 3], ids/mask [G, T] -> ITM match probabilities [G, K]."""
-  return _apply(model, params, ContextBlip.zero_shot_scores, images, input_ids, attention_mask)
-
-
-def finetune_scores(params, images, input_ids, attention_mask, is_video=None, *,
-                    model: ContextBlip, stage: int = 1):
-  """Stage-1 or stage-2 logits [G, K] in evaluation mode."""
-  embeds = encode_candidates(params, images, model=model)
-  return score_with_embeds(params, embeds, input_ids, attention_mask, model=model,
-                           head=f"stage{stage}", is_video=is_video)
-
-
 # ------------------------------------------------------------------ (c) fine-tuning
 _FINETUNE_KEYS = ("images", "input_ids", "attention_mask", "label", "is_video")
 
 
 def _candidate_features(params, batch, *, model, deterministic, rng):
   """L2-normalised [ENC] features [G, K, Dt] of the adapted multimodal forward (SPEC §6.1)."""
-  embeds = encode_candidates(params, batch["images"], model=model)
-  enc = candidate_states(params, embeds, batch["input_ids"], batch["attention_mask"],
-                         model=model, deterministic=deterministic, rng=rng)
+  embeds = _apply(model, params, ContextBlip.encode_candidates, batch["images"])  # [G,K,N,D]
+  enc = _apply(model, params, ContextBlip.candidate_states, embeds, batch["input_ids"],
+               batch["attention_mask"], deterministic, rng=rng)             # [G, K, Dt]
   return l2_normalize(enc)
 
 

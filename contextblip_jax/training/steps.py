@@ -14,7 +14,7 @@ Typical use (see `tests/test_steps.py`):
                                       freeze_rules=[("pretrained_blip/.*", "freeze"),
                                                     (".*", "train")], mesh=mesh)
   step = make_train_step(loss_fn, opt, shardings, batch_shardings(batch, mesh), mesh=mesh)
-  step, report = compile_step(step, state, batch, mesh=mesh)   # logs memory and FLOPs once
+  step, report = compilation.compile_step(step, state, batch, mesh=mesh)  # memory, FLOPs
   state, metrics = step(state, batch)
 
 Gradient accumulation (`accum_steps=a`): the batch's leading dimension B is split into `a`
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -266,18 +265,6 @@ def eval_step(state: TrainState, batch: Any, *, loss_fn: LossFn) -> dict:
   return {**metrics, "loss": loss}
 
 
-def _with_context(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
-  """Runs `fn` with the logical rules and the (abstract) mesh active while it is traced, so
-  every `nn.with_logical_constraint` in the model resolves to the mesh axes."""
-  rules = shd.get_rules(rules)
-
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      return fn(*args)
-  return wrapped
-
-
 def make_train_step(loss_fn: LossFn, optimizer: Optimizer | optax.GradientTransformation,
                     state_shardings: TrainState, batch_shardings: Any, *,
                     mesh: jax.sharding.Mesh, rules=None, accum_steps: int = 1,
@@ -290,7 +277,7 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer | optax.GradientTransf
     tx, schedules = optimizer, None
   fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
                          reduction=reduction, sum_metrics=sum_metrics, schedules=schedules)
-  return jax.jit(_with_context(fn, mesh, rules),
+  return jax.jit(shd.with_mesh_rules(fn, mesh, rules),
                  in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)),
                  donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
@@ -300,41 +287,5 @@ def make_eval_step(loss_fn: LossFn, state_shardings: TrainState, batch_shardings
                    mesh: jax.sharding.Mesh, rules=None, compiler_options: dict | None = None):
   """jit(eval_step) with explicit in/out shardings (nothing donated)."""
   fn = functools.partial(eval_step, loss_fn=loss_fn)
-  return jax.jit(_with_context(fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
+  return jax.jit(shd.with_mesh_rules(fn, mesh, rules), in_shardings=(state_shardings, batch_shardings),
                  out_shardings=shd.replicated(mesh), compiler_options=compiler_options)
-
-
-# ----------------------------------------------------------------------------- AOT compile
-
-def compile_report(compiled: Any) -> dict[str, float]:
-  """FLOPs (cost_analysis; per device for a partitioned program) and memory_analysis bytes."""
-  report: dict[str, float] = {}
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  if cost:
-    report["flops"] = float(cost.get("flops", float("nan")))
-    report["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    for field in ("argument", "output", "temp", "alias", "generated_code"):
-      report[f"{field}_bytes"] = float(getattr(mem, f"{field}_size_in_bytes", float("nan")))
-  return report
-
-
-def compile_step(jitted: Any, *args: Any, mesh: jax.sharding.Mesh | None = None,
-                 name: str = "step") -> tuple[Any, dict[str, float]]:
-  """Ahead-of-time `.lower(*args).compile()` (args may be ShapeDtypeStructs); logs and
-  returns the report (compile_s, flops, argument/output/temp/alias bytes)."""
-  t0 = time.perf_counter()
-  if mesh is not None:
-    with jax.set_mesh(mesh):
-      compiled = jitted.lower(*args).compile()
-  else:
-    compiled = jitted.lower(*args).compile()
-  report = {"compile_s": time.perf_counter() - t0, **compile_report(compiled)}
-  _log.info("%s compiled in %.1f s: %.3g FLOPs/step, argument %.1f MiB, output %.1f MiB, "
-            "temp %.1f MiB", name, report["compile_s"], report.get("flops", float("nan")),
-            report.get("argument_bytes", 0) / 2**20, report.get("output_bytes", 0) / 2**20,
-            report.get("temp_bytes", 0) / 2**20)
-  return compiled, report

@@ -18,13 +18,10 @@ from typing import Any, Sequence
 
 import flax.struct
 import jax
-import numpy as np
 from flax import traverse_util
 
 Params = Any
 FreezeRules = Sequence[tuple[str, str]]
-
-TRAIN_ALL: tuple[tuple[str, str], ...] = ((".*", "train"),)
 
 _log = logging.getLogger(__name__)
 
@@ -84,10 +81,6 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
   if both:
     raise ValueError(f"paths both trainable and frozen: {both[:5]}")
   return traverse_util.unflatten_dict({**a, **b}, sep="/")
-
-
-def count_params(tree: Params) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 @flax.struct.dataclass

@@ -16,11 +16,13 @@ import tempfile
 import jax
 import numpy as np
 
-from tests.helpers.checkpoints import random_like
 from configs import evaluate as evaluate_config
-from contextblip_jax.storage import workdir as wd
 from contextblip_jax.data import synthetic
+from contextblip_jax.data.tokenizer import VOCAB_PATH
 from contextblip_jax.models.contextblip import ContextBlip, init_params
+from contextblip_jax.run.model_config import model_config
+from contextblip_jax.storage import workdir as wd
+from tests.helpers.checkpoints import random_like
 
 SIZES = dict(n_train_sets=10, n_valid_sets=6, n_test_sets=4, n_pairs=48, image_size=32)
 
@@ -34,7 +36,7 @@ def make_data(path, **sizes) -> str:
 
 def tiny_model_config(cfg=None):
   cfg = cfg or evaluate_config.get_config("tiny")
-  return wd.model_config(cfg)
+  return model_config(cfg)
 
 
 def random_params(model_cfg, stage: str = "finetune", seed: int = 0):
@@ -44,11 +46,14 @@ def random_params(model_cfg, stage: str = "finetune", seed: int = 0):
   return random_like(nn.unbox(abstract), np.random.default_rng(seed))
 
 
-def make_export(workdir, stage: str = "finetune2", seed: int = 0) -> str:
-  """A stage workdir with an export/ of random tiny parameters (all fine-tuning groups)."""
+def make_export(workdir, stage: str = "finetune2", seed: int = 0, tree: str = "finetune",
+                **meta) -> str:
+  """A stage workdir whose export/ (the product's writer) holds random tiny parameters of the
+  param tree `tree` ("finetune": BLIP, adapter, prediction layer, context encoder; "all" adds
+  the TMIM groups); `meta` goes to the provenance (e.g. step, valid_acc)."""
   model_cfg = tiny_model_config()
-  params = random_params(model_cfg, "finetune", seed)
-  wd.export_params(str(workdir), params, stage, model_cfg)
+  params = random_params(model_cfg, tree, seed)
+  wd.export_params(str(workdir), params, stage, model_cfg, vocab_path=VOCAB_PATH, **meta)
   return str(workdir)
 
 

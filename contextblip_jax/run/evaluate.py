@@ -1,0 +1,61 @@
+"""Modes 'evaluate' (a labelled split: accuracy report) and 'predict' (the unlabelled test
+file: leaderboard JSON) of `python -m contextblip_jax.main`.
+
+The parameters come from `config.eval.checkpoint` (any parameter directory or stage workdir)
+or the workdir itself; outputs go to `<workdir>/eval/` (see `evaluation/loop.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from contextblip_jax.data import imagecode
+from contextblip_jax.evaluation import loop, scoring
+from contextblip_jax.models.contextblip import ContextBlip
+from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.run.model_config import model_config
+from contextblip_jax.storage import param_dir
+from contextblip_jax.storage import workdir as wd
+from contextblip_jax.storage.metric_writers import MetricWriter
+from contextblip_jax.training import masking
+
+
+def load_eval_params(cfg: ml_collections.ConfigDict, workdir: str):
+  """(model, params on the mesh, mesh, shardings) from config.eval.checkpoint or workdir."""
+  path = cfg.eval.checkpoint or workdir
+  source = param_dir.load_param_dir(path)
+  model = ContextBlip(model_config(cfg, source))
+  mesh = shd.mesh_from_config(cfg)
+  params = scoring.head_params(source.params, model, cfg.eval.head)
+  shardings = scoring.param_shardings_for(model, params, mesh, cfg.sharding_rules)
+  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+  return model, params, mesh, shardings
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Mode 'evaluate' (labelled split: accuracy) or 'predict' (test: leaderboard JSON)."""
+  split_name = "test" if cfg.mode == "predict" else cfg.eval.split
+  name = f"{cfg.eval.head}_{split_name}"
+  model, params, mesh, shardings = load_eval_params(cfg, workdir)
+  split = imagecode.load_split(cfg, split_name)
+  if cfg.eval.max_sets:
+    if not split.labelled:
+      raise ValueError("config.eval.max_sets would leave descriptions out of the leaderboard "
+                       "file; use it with a labelled split only")
+    split = imagecode.first_sets(split, cfg.eval.max_sets)
+  evaluator = loop.Evaluator(model, cfg.eval.head, cfg, mesh, shardings)
+  out_dir = os.path.join(workdir, wd.EVAL)
+  with MetricWriter(workdir, stage=cfg.mode) as writer:
+    report = loop.evaluate_split(evaluator, params, split, out_dir, name, writer)
+  if cfg.eval.visualize and split.labelled:
+    from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
+    report["figures"] = visualize.attention_figures(
+        model, params, split, os.path.join(out_dir, f"{name}_attention"),
+        num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
+        mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
+  return report
