@@ -2,6 +2,8 @@
 
   .venv/bin/python bench/bench_steps.py                       # all three steps (~7 min, 2 cores)
   .venv/bin/python bench/bench_steps.py --steps pretrain --batch 8 --runs 3
+  .venv/bin/python bench/bench_steps.py --steps pretrain,evaluate --scan --runs 0   # compile only
+  .venv/bin/python bench/bench_steps.py --steps pretrain,finetune1 --remat full --batch 2 --runs 0
 
 For each step (pretraining B pairs; fine-tuning stages 1 and 2 on G groups of 10 images), in a
 fresh process of its own (so that its peak RSS is its own): random-init parameters built
@@ -10,6 +12,12 @@ shape-first by `steps.init_train_state`, the jitted step compiled ahead of time 
 compile time, step time, XLA's FLOPs per step (cost_analysis of the compiled program), achieved FLOP/s
 and its fraction of this machine's float32 matmul peak (a large jnp.dot measured in the same
 run), XLA's memory_analysis (arguments / outputs / temporaries) and the process's peak RSS.
+`--scan` builds the model with scanned layers and `--remat POLICY` with per-block remat
+(models/layout.py); `--runs 0` only compiles (no parameters are allocated: compile time, FLOPs
+and memory_analysis). Step `evaluate` compiles the evaluation's scoring step
+(`evaluation/scoring.py`, zero-shot head) for `--groups` sets of 10 images and 2 descriptions.
+With scanned layers XLA's cost analysis may count a scanned block body once (FLOPs per step
+then undercount); compare FLOPs between unscanned runs.
 
 Where the backward pass runs (lowered programs' FLOPs, no compile):
   pretrain  step vs forward-only loss vs the two frozen-ViT forwards (full image and visible
@@ -51,7 +59,10 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8, help="pretraining pairs per step")
   p.add_argument("--groups", type=int, default=1, help="fine-tuning groups (of 10) per step")
   p.add_argument("--text_length", type=int, default=30)
-  p.add_argument("--runs", type=int, default=3, help="timed steps (median) after one warm-up")
+  p.add_argument("--runs", type=int, default=3,
+                 help="timed steps (median) after one warm-up; 0 = compile only")
+  p.add_argument("--scan", action="store_true", help="scanned layers (model.scan_layers)")
+  p.add_argument("--remat", default="none", help="per-block remat policy (model.remat)")
   p.add_argument("--devices", type=int, default=1,
                  help="forced host devices; the batch is sharded over all of them (data axis)")
   p.add_argument("--no_flops_variants", action="store_true",
@@ -144,6 +155,44 @@ def _shardings(abstract):
   return jax.tree.map(lambda s: s.sharding, abstract)
 
 
+def _model_config(args):
+  from contextblip_jax.models.contextblip import ContextBlipConfig
+  return ContextBlipConfig.for_variant(args.variant, args.image_size).with_layers(
+      args.scan, args.remat)
+
+
+def run_eval_worker(args) -> dict:
+  """Compiles the evaluation's scoring step (zero-shot head) from abstract inputs."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from contextblip_jax.evaluation import scoring
+  from contextblip_jax.models.contextblip import ContextBlip, init_params
+  from contextblip_jax.parallel import compilation
+  from contextblip_jax.parallel import sharding as shd
+  cfg = _model_config(args)
+  model = ContextBlip(cfg)
+  mesh = shd.make_mesh({"data": -1})
+  head = "zero_shot"
+  boxed = jax.eval_shape(lambda r: init_params(model, r, "zero_shot"), jax.random.PRNGKey(0))
+  params = scoring.head_params(nn.unbox(boxed), model, head)
+  p_sh = scoring.param_shardings_for(model, params, mesh)
+  g, d, t, s = args.groups, 2, args.text_length, cfg.blip.vision.image_size
+  sds = jax.ShapeDtypeStruct
+  batch = {"images": sds((g, cfg.num_candidates, s, s, 3), jnp.float32),
+           "input_ids": sds((g, d, t), jnp.int32), "attention_mask": sds((g, d, t), jnp.int32),
+           "is_video": sds((g,), jnp.bool_), "desc_mask": sds((g, d), jnp.bool_),
+           "example_index": sds((g, d), jnp.int32), "set_mask": sds((g,), jnp.bool_)}
+  b_sh = shd.batch_shardings(batch, mesh)
+  step = scoring.make_score_step(model, head, p_sh, b_sh, mesh)
+  params = jax.tree.map(lambda x, sh: sds(x.shape, x.dtype, sharding=sh), params, p_sh)
+  _, report = compilation.compile_step(step, params, batch, mesh=mesh, name="evaluate")
+  return {"step": "evaluate", "variant": args.variant, "image_size": args.image_size,
+          "devices": jax.device_count(), "examples": f"{g}x{cfg.num_candidates}, 2 desc",
+          "params_trainable": 0, "params_frozen": sum(x.size for x in jax.tree.leaves(params)),
+          "scan": args.scan, "remat": args.remat, **report}
+
+
 def run_worker(name: str, args) -> dict:
   import jax
   from contextblip_jax.training import objectives
@@ -152,30 +201,38 @@ def run_worker(name: str, args) -> dict:
   from contextblip_jax.parallel import compilation
   from contextblip_jax.parallel import sharding as shd
   from bench import common
-  from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
+  from contextblip_jax.models.contextblip import ContextBlip, init_params
+  if name == "evaluate":
+    return run_eval_worker(args)
   objective, stage, rules, opt_kind, reduction = STEPS[name]
-  cfg = ContextBlipConfig.for_variant(args.variant, args.image_size)
+  cfg = _model_config(args)
   model = ContextBlip(cfg)
   mesh = shd.make_mesh({"data": -1})
   opt = optim.make_optimizer(optim.default_config(opt_kind), steps_per_epoch=1000)
   batch = _batches(name, args, cfg)
   init_fn = lambda r: init_params(model, r, stage)
   row = {"step": name, "variant": args.variant, "image_size": args.image_size,
-         "devices": jax.device_count(),
+         "devices": jax.device_count(), "scan": args.scan, "remat": args.remat,
          "examples": args.batch if name == "pretrain" else f"{args.groups}x{cfg.num_candidates}"}
   abstract, _, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=rules, mesh=mesh)
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   row["params_trainable"], row["params_frozen"] = count(abstract.trainable), count(abstract.frozen)
   if not args.no_flops_variants:
     row.update(_flops_variants(name, args, model, opt, mesh, batch, abstract))
+  loss_fn = functools.partial(objectives.LOSSES[objective], model=model, cfg=None, train=True)
+  bsh = shd.batch_shardings(batch, mesh)
+  if args.runs == 0:        # compile only, from the abstract state
+    jitted = steps.make_train_step(loss_fn, opt, _shardings(abstract), bsh, mesh=mesh,
+                                   reduction=reduction)
+    row.update(compilation.compile_step(jitted, abstract, batch, mesh=mesh, name=name)[1])
+    row["peak_rss_mb"] = common.peak_rss_mb()
+    return row
 
   t = time.perf_counter()
   state, sh = steps.init_train_state(init_fn, jax.random.PRNGKey(0), tx=opt.tx,
                                      freeze_rules=rules, mesh=mesh)
   jax.block_until_ready(state)
   row["init_s"] = time.perf_counter() - t
-  loss_fn = functools.partial(objectives.LOSSES[objective], model=model, cfg=None, train=True)
-  bsh = shd.batch_shardings(batch, mesh)
   jitted = steps.make_train_step(loss_fn, opt, sh, bsh, mesh=mesh, reduction=reduction)
   compiled, report = compilation.compile_step(jitted, abstract, batch, mesh=mesh, name=name)
   row.update(report)
@@ -200,10 +257,13 @@ def run_worker(name: str, args) -> dict:
 
 def _child(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
-  for key in ("variant", "image_size", "batch", "groups", "text_length", "runs", "devices"):
+  for key in ("variant", "image_size", "batch", "groups", "text_length", "runs", "devices",
+              "remat"):
     cmd += [f"--{key}", str(getattr(args, key))]
   if args.no_flops_variants:
     cmd.append("--no_flops_variants")
+  if args.scan:
+    cmd.append("--scan")
   out = subprocess.run(cmd, capture_output=True, text=True)
   for line in out.stdout.splitlines():
     if line.startswith("ROW "):
@@ -212,20 +272,25 @@ def _child(name: str, args) -> dict:
 
 
 def _print(rows, peak, load_before, load_after):
+  from bench import common
   gib = 2.0**30
+  print(f"machine: {common.cpu_model()}, {common.cpu_cores()} cores")
   print(f"\nfloat32 matmul peak (4096^3 jnp.dot, best of 5): {peak / 1e9:.0f} GFLOP/s; "
         f"load average before {load_before}, after {load_after}")
-  head = ("step", "examples", "trainable", "compile s", "step s", "GFLOP/step", "GFLOP/s",
-          "of peak", "arg GiB", "out GiB", "temp GiB", "peak RSS GiB")
+  head = ("step", "scan", "remat", "examples", "trainable", "compile s", "step s",
+          "GFLOP/step", "GFLOP/s", "of peak", "arg GiB", "out GiB", "temp GiB", "peak RSS GiB")
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
   for r in rows:
-    rate = r["flops"] / r["step_s"]
-    print(f"| {r['step']} | {r['examples']} | {r['params_trainable'] / 1e6:.1f}M | "
-          f"{r['compile_s']:.0f} | {r['step_s']:.2f} | {r['flops'] / 1e9:.0f} | "
-          f"{rate / 1e9:.0f} | {rate / peak:.0%} | {r['argument_bytes'] / gib:.2f} | "
-          f"{r['output_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
-          f"{r['peak_rss_mb'] / 1024:.2f} |")
+    timed = "step_s" in r
+    rate = r["flops"] / r["step_s"] if timed else float("nan")
+    rss = f"{r['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in r else "-"
+    print(f"| {r['step']} | {r.get('scan', False)} | {r.get('remat', 'none')} | "
+          f"{r['examples']} | {r['params_trainable'] / 1e6:.1f}M | "
+          f"{r['compile_s']:.0f} | {r['step_s'] if timed else float('nan'):.2f} | "
+          f"{r['flops'] / 1e9:.0f} | {rate / 1e9:.0f} | {rate / peak:.0%} | "
+          f"{r['argument_bytes'] / gib:.2f} | {r['output_bytes'] / gib:.2f} | "
+          f"{r['temp_bytes'] / gib:.2f} | {rss} |")
   for r in rows:
     if "lowered_forward" in r:
       fwd, step, vit = r["lowered_forward"], r["lowered_step"], r["lowered_vit_forwards"]
@@ -256,8 +321,8 @@ def main(argv=None):
   peak = matmul_peak()
   rows = []
   for name in args.steps.split(","):
-    if name not in STEPS:
-      raise SystemExit(f"unknown step {name!r}; known: {sorted(STEPS)}")
+    if name not in STEPS and name != "evaluate":
+      raise SystemExit(f"unknown step {name!r}; known: {sorted(STEPS) + ['evaluate']}")
     print(f"running {name} ...", flush=True)
     rows.append(_child(name, args))
   peak = max(peak, matmul_peak())          # measured again after the steps: keep the best

@@ -1,24 +1,36 @@
-"""Zero-shot IMAGECODE scoring speed: our JAX BLIP against the PyTorch reference, same run.
+"""Zero-shot IMAGECODE scoring speed: the product's scoring step against the PyTorch reference.
 
-  .venv/bin/python bench/bench_zero_shot.py                 # both benchmarks (~15 min on 2 cores, ~20 with --memory)
-  .venv/bin/python bench/bench_zero_shot.py --bench 1 --rounds 5 --variants torch_eager,jax_best
+  .venv/bin/python bench/bench_zero_shot.py --memory              # both benchmarks (~10 min on 2 cores)
+  .venv/bin/python bench/bench_zero_shot.py --bench 1 --rounds 5 --variants torch_eager,jax_1dev
+  .venv/bin/python bench/bench_zero_shot.py --platform gpu --dtype bfloat16   # CUDA machine
 
-Benchmark 1 - ten-candidate groups, one description per set (SPEC §7.2): each group is the 10
-candidate images and one [ENC]-first description (T = 30) scored by softmax(ITM)[:, 1].
-Figure: groups/second, and the ratio to transformers `BlipForImageTextRetrieval` (CPU, float32,
-eval, inference_mode) eager and under `torch.compile`, with the same weights (a random-weight
-BLIP-base at 224 px, converted by `weight_convert`).
+Ours is what `python -m contextblip_jax.main --config configs/evaluate.py:head=zero_shot` runs:
+the evaluation loop's jitted step `evaluation/scoring.py: make_score_step(score_batch)` (vision
+once per set, the image-side cross-attention keys/values once per set, each description's text
+pass against them), on batches in the evaluation pipeline's layout. `jax_1dev` is the product on
+one device (a plain CPU run); `jax_2dev` shards the sets of a batch over 2 forced host devices
+(one weight copy each). The reference is transformers `BlipForImageTextRetrieval` (eval,
+inference_mode) eager and under `torch.compile`, with the same weights (a random-weight
+BLIP-base at 224 px, converted by `weight_convert`), scoring one description at a time against
+its 10 images, as the authors' code does.
 
+Benchmark 1 - ten-candidate groups, one description per set (SPEC §7.2): --groups sets (one
+description each) per timed run, softmax(ITM)[:, 1] of the 10 images. Figure: groups/second.
 Benchmark 2 - several descriptions per set: 5 IMAGECODE valid sets with 1, 2, 2, 3, 3
-descriptions (mean 2.2, the valid split's 2.22). The PyTorch reference recomputes everything per
-description, as the authors' code does; ours encodes each set's 10 images once and also computes
-the image-side cross-attention keys/values once (`Blip.image_cross_kv` + `Blip.itm_cached`).
-Figure: descriptions/second and the same ratios.
+descriptions (mean 2.2, the valid split's 2.22), one evaluation batch (descriptions padded to 3,
+as the pipeline pads them). Figure: descriptions/second.
 
 Descriptions are real IMAGECODE valid descriptions (pre_caption + our tokenizer); images are
 random pixels (speed does not depend on content). Variants run in interleaved rounds and the
 table reports medians; `--memory` re-runs each variant alone in a fresh process for its peak
-RSS. Every JAX variant's scores are compared with PyTorch eager's (max |d score|).
+RSS; `--profile` times the product step's stages on one group (vision, image K/V, text) with
+XLA's FLOP count of each, against the matmul rate of the machine line. Every JAX variant's scores are compared with PyTorch eager's (max |d score|). The first
+and last lines are the machine line: CPU model, cores, both frameworks' float32 matmul
+GFLOP/s measured in this run, load and peak RSS.
+
+GPU: `--platform gpu` (the default when nvidia-smi sees a GPU) runs JAX on CUDA (jax[cuda])
+and the reference on torch CUDA; `--dtype bfloat16` computes in bfloat16 in both (JAX
+`compute_dtype`, torch autocast; weights float32).
 """
 
 from __future__ import annotations
@@ -38,13 +50,22 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--bench", default="1,2", help="which benchmarks: '1', '2' or '1,2'")
   p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
-  p.add_argument("--groups", type=int, default=1, help="benchmark 1: groups per timed run")
-  p.add_argument("--devices", type=int, default=10,
-                 help="forced host devices (XLA_FLAGS); each JAX variant uses its first 1-10")
+  p.add_argument("--groups", type=int, default=2, help="benchmark 1: groups per timed run")
+  p.add_argument("--devices", type=int, default=2,
+                 help="CPU: forced host devices (XLA_FLAGS) for the jax_2dev variant")
+  p.add_argument("--platform", default="", choices=("", "cpu", "gpu"),
+                 help="'' = gpu when nvidia-smi sees one, else cpu")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype: JAX model.compute_dtype, torch autocast")
   p.add_argument("--variants", default="",
-                 help="comma list to run, or 'all' (default: the main variants); see --list")
+                 help="comma list to run, or 'all' (default: all four); see --list")
   p.add_argument("--list", action="store_true", help="list the variants and exit")
+  p.add_argument("--matmul_size", type=int, default=4096,
+                 help="n of the n^3 float32 matmul of the machine line (smaller if slow)")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
+  p.add_argument("--profile", action="store_true",
+                 help="also time the product step's stages (vision, image K/V, text) on one "
+                      "group, with XLA's FLOPs and the share of the measured matmul rate")
   p.add_argument("--memory", action="store_true",
                  help="also measure each variant's peak RSS alone in a fresh process")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_blip_base"),
@@ -55,12 +76,17 @@ def parse_args(argv=None):
 
 
 def setup_env(args):
-  """XLA_FLAGS must be set before jax is imported."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  flags += f" --xla_force_host_platform_device_count={args.devices} {args.xla_flags}"
-  os.environ["XLA_FLAGS"] = flags.strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  """Platform and XLA_FLAGS must be set before jax is imported."""
   sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
+  from bench import common
+  args.platform = args.platform or common.default_platform()
+  flags = os.environ.get("XLA_FLAGS", "")
+  if args.platform == "cpu":
+    flags += f" --xla_force_host_platform_device_count={args.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  else:
+    os.environ["JAX_PLATFORMS"] = "cuda"
+  os.environ["XLA_FLAGS"] = f"{flags} {args.xla_flags}".strip()
 
 
 def main(argv=None):
@@ -76,13 +102,15 @@ def main(argv=None):
   if args.worker:
     return worker(args, benches[0])
   os.makedirs(args.workdir, exist_ok=True)
-  print(f"# bench_zero_shot  load {common.load_average()}  XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
-  ctx = zv.Context.create(args.workdir, args.devices, log=print)
+  print(f"# bench_zero_shot  platform {args.platform}  dtype {args.dtype}  "
+        f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+  machine = common.measure_machine(args.platform, args.matmul_size)
+  ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=print, groups=args.groups)
   rows = []
   for b in benches:
     names = zv.select(b, args.variants)
     print(f"\n## benchmark {b}: {zv.TITLES[b]}")
-    variants = [zv.make_variant(ctx, b, n, groups=args.groups) for n in names]
+    variants = [zv.make_variant(ctx, b, n) for n in names]
     common.measure(variants, args.rounds)
     memory = {}
     if args.memory:
@@ -90,6 +118,7 @@ def main(argv=None):
         memory[n] = common.run_isolated(
             __file__, ["--worker", n, "--bench", str(b), "--devices", str(args.devices),
                        "--groups", str(args.groups), "--workdir", args.workdir,
+                       "--platform", args.platform, "--dtype", args.dtype,
                        "--xla_flags", args.xla_flags])
         print(f"  memory {n:<34s} peak {memory[n]['peak_rss_mib']:7.0f} MiB "
               f"(after weights {memory[n]['rss_loaded_mib']:7.0f} MiB)")
@@ -103,17 +132,28 @@ def main(argv=None):
       if r["variant"] in memory:
         r.update({k: memory[r["variant"]][k] for k in ("peak_rss_mib", "rss_loaded_mib")})
     rows += table
+  if args.profile:
+    print(f"\n## where the time goes: one group (10 images, 1 description), 1 device, "
+          f"best of {args.rounds}")
+    print(f"{'stage':<32s} {'s':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of jnp.dot rate':>16s}")
+    for r in zv.profile_group(ctx, args.rounds):
+      r["of_matmul_rate"] = r["gflops"] / machine.jax_gflops
+      print(f"{r['stage']:<32s} {r['s']:>7.2f} {r['gflop']:>8.1f} {r['gflops']:>8.1f} "
+            f"{r['of_matmul_rate']:>15.0%}")
+      rows.append(dict(bench="profile", **r))
+  print("\n" + machine.line())
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1, default=float)
+      json.dump({"machine": machine.__dict__, "machine_line": machine.line(), "rows": rows},
+                f, indent=1, default=float)
   return 0
 
 
 def worker(args, bench):
   """Prepares and runs one variant once in this fresh process; prints JSON with its memory."""
   from bench import common, zero_shot_variants as zv
-  ctx = zv.Context.create(args.workdir, args.devices, log=lambda *_: None,
-                          need=zv.needs(args.worker))
+  ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=lambda *_: None,
+                          need=zv.needs(args.worker), groups=args.groups)
   kind, opts = zv.VARIANTS[bench][args.worker]
   if kind == "torch":      # touch every weight page (transformers maps the file lazily)
     sum(float(p.sum()) for p in ctx.torch_model().parameters())
@@ -122,7 +162,7 @@ def worker(args, bench):
     ctx.params = None                 # the host copy is no longer needed
     gc.collect()
   loaded = common.rss_mb()
-  v = zv.make_variant(ctx, bench, args.worker, groups=args.groups)
+  v = zv.make_variant(ctx, bench, args.worker)
   run, _ = v.prepare()
   t0 = time.perf_counter()
   run()

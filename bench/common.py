@@ -5,17 +5,24 @@
   weights converted to our Flax tree by the project's converter (`weight_convert`);
 - synthetic zero-shot inputs (ten-candidate groups, [ENC]-first descriptions of varied length);
 - timing (interleaved rounds, medians), compile time, memory (peak RSS of a process that runs
-  one variant only, and XLA's `memory_analysis`), machine load, and a table printer.
+  one variant only, and XLA's `memory_analysis`), machine load, and a table printer;
+- the machine line every benchmark prints (`machine_line`): CPU model (lscpu), cores, GPU if
+  any, both frameworks' float32 matmul GFLOP/s measured in that run, and the run's peak RSS;
+- the device and precision of the PyTorch reference on CPU or CUDA (`torch_device`,
+  `torch_autocast`).
 
 Every benchmark runs the PyTorch reference in the same run on the same machine and reports
-ratios, because absolute figures on a shared 2-core machine drift by ~10% between runs.
+ratios, because absolute figures differ between machines (the CPU's kernel libraries) and on a
+shared 2-core machine drift by ~10% between runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import platform as platform_lib
 import resource
 import statistics
 import subprocess
@@ -51,6 +58,124 @@ def rss_mb() -> float:
   with open("/proc/self/statm") as f:
     pages = int(f.read().split()[1])
   return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# The machine line
+# --------------------------------------------------------------------------------------------
+
+# Instruction sets that decide the matmul kernels (AMX: PyTorch's bfloat16 runs on it, XLA's not).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_model() -> str:
+  """'Model name' of lscpu and which of ISA_FLAGS it has (the platform string when lscpu is
+  missing)."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+  except (OSError, subprocess.SubprocessError):
+    return platform_lib.processor() or platform_lib.machine()
+  fields = {k.strip().lower(): v.strip() for k, _, v in
+            (line.partition(":") for line in out.splitlines())}
+  flags = set(fields.get("flags", "").split())
+  isa = " ".join(f for f in ISA_FLAGS if f in flags)
+  return f"{fields.get('model name', platform_lib.machine())} [{isa or 'no avx2'}]"
+
+
+def cpu_cores() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 0
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  fn()                                   # warm-up (compile, allocation)
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def torch_matmul_gflops(n: int = 4096, platform: str = "cpu", repeats: int = 3) -> float:
+  """float32 n^3 `torch.matmul` rate (best of `repeats`), on the CPU or the CUDA GPU."""
+  import torch
+  dev = torch_device(platform)
+  a = torch.randn(n, n, device=dev)
+  b = torch.randn(n, n, device=dev)
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+  def run():
+    torch.matmul(a, b)
+    sync()
+  return 2 * n**3 / _best_seconds(run, repeats) / 1e9
+
+
+def jax_matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
+  """float32 n^3 jitted `jnp.dot` rate on the default device (best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  return 2 * n**3 / _best_seconds(lambda: dot(a, b).block_until_ready(), repeats) / 1e9
+
+
+def gpu_name() -> str:
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip()
+    return out.splitlines()[0] if out else ""
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+@dataclasses.dataclass
+class Machine:
+  """What a benchmark's figures were measured on (`measure_machine`, printed by `line`)."""
+  cpu: str
+  cores: int
+  gpu: str
+  matmul_n: int
+  torch_gflops: float
+  jax_gflops: float
+
+  def line(self) -> str:
+    gpu = f"  GPU {self.gpu}" if self.gpu else ""
+    return (f"# machine: {self.cpu}, {self.cores} cores{gpu}; float32 {self.matmul_n}^3 matmul "
+            f"torch {self.torch_gflops:.0f} GFLOP/s, jax {self.jax_gflops:.0f} GFLOP/s; "
+            f"load {load_average()}; peak RSS {peak_rss_mb():.0f} MiB")
+
+
+def measure_machine(platform: str = "cpu", n: int = 4096, log=print) -> Machine:
+  """Both frameworks' float32 matmul rate in this run (n = 4096, or less when asked: a 4096^3
+  matmul is 137 GFLOP, ~1 s at 150 GFLOP/s)."""
+  m = Machine(cpu_model(), cpu_cores(), gpu_name() if platform == "gpu" else "", n,
+              torch_matmul_gflops(n, platform), jax_matmul_gflops(n))
+  log(m.line())
+  return m
+
+
+def torch_device(platform: str) -> str:
+  """'cuda' on a GPU machine, else 'cpu'."""
+  return "cuda" if platform == "gpu" else "cpu"
+
+
+def torch_autocast(platform: str, dtype: str):
+  """torch.autocast to bfloat16 for dtype 'bfloat16' (weights stay float32, as JAX's
+  compute_dtype does); a no-op context for float32."""
+  if dtype == "float32":
+    return contextlib.nullcontext()
+  import torch
+  return torch.autocast(torch_device(platform), dtype=getattr(torch, dtype))
+
+
+def default_platform() -> str:
+  """'gpu' when an NVIDIA GPU is visible (nvidia-smi answers), else 'cpu'."""
+  return "gpu" if gpu_name() else "cpu"
 
 
 # --------------------------------------------------------------------------------------------

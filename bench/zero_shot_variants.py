@@ -1,17 +1,18 @@
-"""The variants `bench_zero_shot.py` times: the PyTorch reference (eager, torch.compile) and our
-JAX scorers with each optimisation switchable, so the table shows what each one buys.
+"""The variants `bench_zero_shot.py` times: the PyTorch reference (eager, torch.compile) and the
+product's own scoring step, `evaluation/scoring.py: make_score_step(score_batch)` (the function
+the evaluation loop jits: `ContextBlip.encode_candidates` -> `candidate_cross_kv` ->
+`cached_candidate_scores`), fed batches in the evaluation pipeline's layout.
 
-Imported only after bench_zero_shot.py has set XLA_FLAGS (jax is imported here).
+Imported only after bench_zero_shot.py has set XLA_FLAGS / JAX_PLATFORMS (jax is imported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,42 +22,21 @@ IMAGECODE_VALID = os.environ.get("IMAGECODE_VALID", os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "shared", "imagecode", "valid_data.json"))
 BENCH2_PATTERN = (1, 2, 2, 3, 3)    # descriptions per set: mean 2.2 (valid: 2.22)
-BUCKETS = (8, 16, 24, 30)           # compiled text lengths when bucketing (30 = ContextBLIP's T)
 TITLES = {1: "ten-candidate groups, one description per set",
           2: "several descriptions per set (1,2,2,3,3), reuse of image work"}
+UNITS = {1: "groups", 2: "descs"}
 
-# name -> (kind, options). Options: dev = forced host devices the batch is sharded over (the
-# 10 images, and the text rows image-major), bucket = text length buckets, dpa =
-# jax.nn.dot_product_attention, heads = heads-major ViT attention, reuse = none | vision | kv.
+# name -> (kind, options). torch: compile = torch.compile. jax: dev = devices the sets of a
+# batch are sharded over (the product's mesh: one device on a plain CPU; forced host devices
+# each hold a copy of the weights).
 VARIANTS = {
-    1: {
-        "torch_eager": ("torch", {}),
+    b: {"torch_eager": ("torch", {}),
         "torch_compile": ("torch", {"compile": True}),
         "jax_1dev": ("jax", dict(dev=1)),
-        "jax_2dev": ("jax", dict(dev=2)),
-        "jax_2dev_len": ("jax", dict(dev=2, bucket=True)),
-        "jax_5dev_len": ("jax", dict(dev=5, bucket=True)),
-        "jax_10dev_len": ("jax", dict(dev=10, bucket=True)),
-        "jax_5dev_len_dpa": ("jax", dict(dev=5, bucket=True, dpa=True)),
-        "jax_5dev_len_heads": ("jax", dict(dev=5, bucket=True, heads=True)),
-    },
-    2: {
-        "torch_eager": ("torch", {}),
-        "torch_compile": ("torch", {"compile": True}),
-        "jax_per_desc": ("jax", dict(dev=5, bucket=True, reuse="none")),
-        "jax_reuse_vision": ("jax", dict(dev=5, bucket=True, reuse="vision")),
-        "jax_reuse_vision_kv": ("jax", dict(dev=5, bucket=True, reuse="kv")),
-        "jax_reuse_kv_2dev": ("jax", dict(dev=2, bucket=True, reuse="kv")),
-        "jax_reuse_kv_1dev": ("jax", dict(dev=1, bucket=True, reuse="kv")),
-    },
+        "jax_2dev": ("jax", dict(dev=2))}
+    for b in (1, 2)
 }
-
-# What a plain run times (the ablations are available through --variants).
-DEFAULTS = {
-    1: ("torch_eager", "torch_compile", "jax_1dev", "jax_2dev", "jax_2dev_len", "jax_5dev_len"),
-    2: ("torch_eager", "torch_compile", "jax_per_desc", "jax_reuse_vision",
-        "jax_reuse_vision_kv"),
-}
+DEFAULTS = {b: ("torch_eager", "torch_compile", "jax_1dev", "jax_2dev") for b in (1, 2)}
 
 
 def variant_names(bench: int) -> list[str]:
@@ -78,9 +58,6 @@ def needs(name: str) -> set[str]:
   return {"torch"} if name.startswith("torch") else {"jax"}
 
 
-UNITS = {1: "groups", 2: "descs"}
-
-
 # --------------------------------------------------------------------------------------------
 # Shared state: weights, inputs
 # --------------------------------------------------------------------------------------------
@@ -96,16 +73,14 @@ def _valid_descriptions() -> list[list[str]]:
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
   from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
-  tok = BlipTokenizer()
-  enc = tok([pre_caption_imagecode(t) for t in texts], max_length=common.TEXT_LENGTH)
-  ids = enc["input_ids"].copy()
-  ids[:, 0] = common.ENC_TOKEN_ID
-  return ids, enc["attention_mask"]
+  enc = BlipTokenizer()([pre_caption_imagecode(t) for t in texts], max_length=common.TEXT_LENGTH)
+  return enc["input_ids"].copy(), enc["attention_mask"]
 
 
 def make_workload(pattern, seed: int) -> list[common.ZeroShotSet]:
-  """Sets with len(pattern[i]) descriptions; the first valid sets with that many descriptions
-  (real text), random pixels; synthetic text when the IMAGECODE file is missing."""
+  """Sets with pattern[i] descriptions; the first valid sets with that many descriptions
+  (real text, [CLS] first as the pipeline tokenises it: the model puts [ENC] at position 0),
+  random pixels; synthetic text when the IMAGECODE file is missing."""
   sets = common.make_sets(pattern, seed=seed)
   pool = _valid_descriptions()
   used = set()
@@ -122,15 +97,17 @@ def make_workload(pattern, seed: int) -> list[common.ZeroShotSet]:
 class Context:
   hf_dir: str
   params: dict | None                 # converted Blip params (NumPy)
-  config: Any
-  devices: int
+  config: Any                         # BlipConfig
+  platform: str                       # 'cpu' | 'gpu'
+  dtype: str                          # 'float32' | 'bfloat16' (JAX compute dtype, torch autocast)
   bench1: list[common.ZeroShotSet]
   bench2: list[common.ZeroShotSet]
   _device_params: dict = dataclasses.field(default_factory=dict)
   _torch: Any = None
 
   @classmethod
-  def create(cls, workdir: str, devices: int, log=print, need=frozenset({"torch", "jax"})):
+  def create(cls, workdir: str, platform: str = "cpu", dtype: str = "float32", log=print,
+             need=frozenset({"torch", "jax"}), groups: int = 2):
     hf_dir = os.path.join(workdir, "hf_blip_base_224")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
       log(f"  building the random-weight reference in {hf_dir}")
@@ -138,21 +115,28 @@ class Context:
     params = config = None
     if "jax" in need:
       params, config = _converted(workdir, hf_dir, log)
-    return cls(hf_dir, params, config, devices, make_workload((1,) * 4, seed=1),
+    return cls(hf_dir, params, config, platform, dtype, make_workload((1,) * groups, seed=1),
                make_workload(BENCH2_PATTERN, seed=2))
 
   def torch_model(self):
     if self._torch is None:
-      self._torch = common.load_reference(self.hf_dir)
+      self._torch = common.load_reference(self.hf_dir).to(common.torch_device(self.platform))
     return self._torch
 
+  def model(self):
+    """The product's model for zero-shot BLIP (no adapter), as `make_model` builds it."""
+    from contextblip_jax.models.contextblip import ContextBlipConfig, make_model
+    return make_model(ContextBlipConfig(blip=self.config, use_adapter=False, use_tmim=False),
+                      self.dtype)
+
   def device_params(self, n_dev: int):
-    """The parameters replicated over the first n_dev devices (cached)."""
+    """({"pretrained_blip": params} on the mesh of the first n_dev devices, shardings)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from contextblip_jax.evaluation import scoring
     if n_dev not in self._device_params:
-      rep = NamedSharding(mesh_of(n_dev), P())
-      self._device_params[n_dev] = jax.device_put(self.params, rep)
+      params = {"pretrained_blip": self.params}
+      sh = scoring.param_shardings_for(self.model(), params, mesh_of(n_dev))
+      self._device_params[n_dev] = (jax.device_put(params, sh), sh)
     return self._device_params[n_dev]
 
 
@@ -178,10 +162,11 @@ def _converted(workdir: str, hf_dir: str, log):
 
 @functools.lru_cache(maxsize=None)
 def mesh_of(n_dev: int):
+  """The product's (data, fsdp, tensor) mesh over the first n_dev devices (data-parallel)."""
   import jax
-  n_dev = min(n_dev, jax.device_count())
-  return jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n_dev])
+  from contextblip_jax.parallel import sharding as shd
+  return shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1},
+                       jax.devices()[:min(n_dev, jax.device_count())])
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,170 +185,135 @@ def torch_variant(ctx: Context, bench: int, name: str, opts: dict) -> common.Var
   def prepare():
     import torch
     model = ctx.torch_model()
+    device = common.torch_device(ctx.platform)
     fwd = torch.compile(model) if opts.get("compile") else model
     inputs = []     # one (pixels, ids, mask) per description: everything recomputed per text
     for s in sets:
-      px = torch.from_numpy(np.ascontiguousarray(s.pixels.transpose(0, 3, 1, 2)))
+      px = torch.from_numpy(np.ascontiguousarray(s.pixels.transpose(0, 3, 1, 2))).to(device)
       for j in range(s.ids.shape[0]):
-        ids = torch.from_numpy(np.repeat(s.ids[j:j + 1], common.GROUP, 0).astype(np.int64))
-        mask = torch.from_numpy(np.repeat(s.mask[j:j + 1], common.GROUP, 0).astype(np.int64))
-        inputs.append((px, ids, mask))
+        ids = np.repeat(s.ids[j:j + 1], common.GROUP, 0).astype(np.int64)
+        ids[:, 0] = common.ENC_TOKEN_ID          # transformers takes the ids as given
+        mask = np.repeat(s.mask[j:j + 1], common.GROUP, 0).astype(np.int64)
+        inputs.append((px, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)))
 
     def run():
       out = []
-      with torch.inference_mode():
+      with torch.inference_mode(), common.torch_autocast(ctx.platform, ctx.dtype):
         for px, ids, mask in inputs:
           logits = fwd(input_ids=ids, pixel_values=px, attention_mask=mask,
                        use_itm_head=True).itm_score
-          out.append(torch.softmax(logits.float(), dim=-1)[:, 1].numpy())
+          out.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
       return np.concatenate(out)
     return run, run()
   return common.Variant(name, prepare, kind="torch", units=units)
 
 
 # --------------------------------------------------------------------------------------------
-# JAX
+# JAX: the product's scoring step
 # --------------------------------------------------------------------------------------------
 
-def _dpa_attention(q, k, v, bias=None, *, dropout=None, dtype=None):
-  """layers.attention with the context from jax.nn.dot_product_attention (probabilities still
-  returned for API compatibility; XLA drops them when unused)."""
-  import jax
-  import jax.numpy as jnp
-  ctx = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-  probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-  return ctx, probs
+def eval_batch(sets: list[common.ZeroShotSet], sets_per_batch: int, d: int) -> dict:
+  """Sets in the evaluation pipeline's batch layout (`pipeline.imagecode_eval_pipeline`):
+  images [L, 10, S, S, 3], input_ids / attention_mask [L, D, T] with descriptions padded to D
+  (desc_mask 0) and sets padded to L (set_mask 0), is_video, example_index."""
+  l, (k, s) = sets_per_batch, sets[0].pixels.shape[:2]
+  t = common.TEXT_LENGTH
+  b = dict(images=np.zeros((l, k, s, s, 3), np.float32), input_ids=np.zeros((l, d, t), np.int32),
+           attention_mask=np.zeros((l, d, t), np.int32), is_video=np.ones((l,), bool),
+           desc_mask=np.zeros((l, d), bool), example_index=np.full((l, d), -1, np.int32),
+           set_mask=np.zeros((l,), bool))
+  b["input_ids"][:, :, 0], b["attention_mask"][:, :, 0] = 101, 1    # padding rows: [CLS] only
+  for i, st in enumerate(sets):
+    n = st.ids.shape[0]
+    b["images"][i], b["set_mask"][i] = st.pixels, True
+    b["input_ids"][i, :n], b["attention_mask"][i, :n] = st.ids, st.mask
+    b["desc_mask"][i, :n], b["example_index"][i, :n] = True, np.arange(n)
+  return b
 
 
-def _vit_attention_heads_major(self, x):
-  """vit.Attention.__call__ computing q/k/v straight into [3, B, H, N, Dh] (one einsum with the
-  fused kernel viewed as [D, 3, H, Dh]) and the output projection from [B, H, N, Dh]: no
-  strided q/k/v slices and no transposes around the attention matmuls."""
-  import jax
-  import jax.numpy as jnp
-  b, n, d = x.shape
-  heads = self.num_heads
-  kernel = self.qkv.variables["params"]["kernel"].reshape(d, 3, heads, -1)
-  bias = self.qkv.variables["params"]["bias"].reshape(3, 1, heads, 1, -1)
-  qkv = jnp.einsum("bnd,dthe->tbhne", x, kernel) + bias          # [3, B, H, N, Dh]
-  q, k, v = qkv[0], qkv[1], qkv[2]
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1)
-  ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)                  # [B, H, N, Dh]
-  wo = self.proj.variables["params"]["kernel"].reshape(heads, -1, d)
-  return jnp.einsum("bhqd,hde->bqe", ctx, wo) + self.proj.variables["params"]["bias"]
-
-
-@contextlib.contextmanager
-def attention_impl(dpa: bool = False, heads_major: bool = False):
-  """Swaps the model's attention code while a variant is traced (benchmark ablations)."""
-  from contextblip_jax.models import layers, vit
-  original, original_vit = layers.attention, vit.Attention.__call__
-  if dpa:
-    layers.attention = _dpa_attention
-  if heads_major:
-    vit.Attention.__call__ = _vit_attention_heads_major
-  try:
-    yield
-  finally:
-    layers.attention, vit.Attention.__call__ = original, original_vit
-
-
-def bucket_length(mask: np.ndarray, bucket: bool) -> int:
-  """Text length to run: the smallest bucket holding every real token (padding at the end of
-  a row never influences the [ENC] output: masked keys get exactly zero weight)."""
-  if not bucket:
-    return mask.shape[1]
-  need = int(mask.sum(1).max())
-  return next(b for b in BUCKETS if b >= need)
-
-
-def jax_functions(ctx: Context, n_dev: int):
-  """(vision, vision_kv, text_tiled, text_cached) jitted over the first n_dev devices."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from contextblip_jax.models.blip import Blip
-  model = Blip(ctx.config)
-  mesh = mesh_of(n_dev)
-  data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  g = common.GROUP
-
-  def vision(params, pixels):                       # [10, S, S, 3] -> [10, N, D]
-    return model.apply({"params": params}, pixels, method=Blip.encode_image).last_hidden_state
-
-  def vision_kv(params, pixels):                    # -> per-layer (k, v) [10, N, H, Dh]
-    return model.apply({"params": params}, vision(params, pixels), method=Blip.image_cross_kv)
-
-  def rows(ids, mask):                              # [d, T] -> image-major [10 d, T]
-    ids, mask = jnp.tile(ids, (g, 1)), jnp.tile(mask, (g, 1))
-    return (jax.lax.with_sharding_constraint(ids, data),
-            jax.lax.with_sharding_constraint(mask, data))
-
-  def scores(logits, d):                            # [10 d, 2] -> [d, 10]
-    return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(g, d).T
-
-  def text_tiled(params, embeds, ids, mask):       # embeds repeated per description
-    d = ids.shape[0]
-    emb = jax.lax.with_sharding_constraint(jnp.repeat(embeds, d, axis=0), data)
-    logits = model.apply({"params": params}, *rows(ids, mask), emb, method=Blip.itm)
-    return scores(logits, d)
-
-  def text_cached(params, kv, ids, mask):          # image keys/values shared by descriptions
-    d = ids.shape[0]
-    logits = model.apply({"params": params}, *rows(ids, mask), kv, method=Blip.itm_cached)
-    return scores(logits, d)
-
-  jit = functools.partial(jax.jit, out_shardings=None)
-  return (jit(vision, in_shardings=(rep, data)), jit(vision_kv, in_shardings=(rep, data)),
-          jit(text_tiled), jit(text_cached), data, rep)
+def real_scores(scores: np.ndarray, batch: dict) -> np.ndarray:
+  """Scores [L, D, 10] -> the real descriptions' rows, in set order, flattened."""
+  return np.asarray(scores)[np.asarray(batch["desc_mask"])].reshape(-1)
 
 
 def jax_variant(ctx: Context, bench: int, name: str, opts: dict) -> common.Variant:
   sets = ctx.bench1 if bench == 1 else ctx.bench2
-  n_dev, reuse = opts.get("dev", 1), opts.get("reuse", "none")
-  if bench == 2 and reuse == "none":    # no reuse: a cost per description, like the reference
-    sets = [dataclasses.replace(sets[0], ids=sets[0].ids[:1], mask=sets[0].mask[:1])]
+  n_dev = opts.get("dev", 1)
+  # One batch per run, as the evaluation loop builds it: benchmark 1 one description per set;
+  # benchmark 2 descriptions padded to the most of any set (3), sets padded to a multiple of
+  # the devices.
+  d = max(s.ids.shape[0] for s in sets)
+  per_batch = -(-len(sets) // n_dev) * n_dev
   extra = {}
 
   def prepare():
     import jax
-    params = ctx.device_params(n_dev)
-    vision, vision_kv, text_tiled, text_cached, data, rep = jax_functions(ctx, n_dev)
-    inputs = []
-    for s in sets:
-      px = jax.device_put(s.pixels, data)
-      length = bucket_length(s.mask, opts.get("bucket", False))
-      ids = jax.device_put(s.ids[:, :length], rep)
-      mask = jax.device_put(s.mask[:, :length], rep)
-      inputs.append((px, ids, mask))
+    from contextblip_jax.evaluation import scoring
+    from contextblip_jax.parallel import sharding as shd
+    params, p_sh = ctx.device_params(n_dev)
+    mesh = mesh_of(n_dev)
+    host = eval_batch(sets, per_batch, d)
+    b_sh = shd.batch_shardings(host, mesh)
+    step = scoring.make_score_step(ctx.model(), "zero_shot", p_sh, b_sh, mesh)
+    batch = jax.device_put(host, b_sh)
+    compiled = step.lower(params, batch).compile()
+    extra["xla_bytes"] = common.jax_memory_bytes(compiled)
 
     def run():
-      out = []
-      for px, ids, mask in inputs:
-        if reuse == "kv":
-          out.append(text_cached(params, vision_kv(params, px), ids, mask))
-        elif reuse == "vision":
-          out.append(text_tiled(params, vision(params, px), ids, mask))
-        else:                                       # everything per description
-          for j in range(ids.shape[0]):
-            out.append(text_tiled(params, vision(params, px), ids[j:j + 1], mask[j:j + 1]))
-      return np.concatenate([np.asarray(o).reshape(-1) for o in out])
-
-    with attention_impl(opts.get("dpa", False), opts.get("heads", False)):
-      first = run()
-    px, ids, mask = inputs[0]
-    fn, arg = (vision_kv, px) if reuse == "kv" else (vision, px)
-    extra["xla_bytes"] = common.jax_memory_bytes(fn.lower(params, arg).compile())
-    return run, first
+      scores, _ = compiled(params, batch)
+      return real_scores(jax.device_get(scores), host)
+    return run, run()
   return common.Variant(name, prepare, kind="jax", extra=extra,
-                        units=sum(s.ids.shape[0] for s in sets))
+                        units=sum(s.ids.shape[0] for s in sets),
+                        notes=f"{per_batch} sets x {d} descriptions per batch, {n_dev} device(s)")
 
 
-def make_variant(ctx: Context, bench: int, name: str, groups: int = 2) -> common.Variant:
+def make_variant(ctx: Context, bench: int, name: str) -> common.Variant:
   kind, opts = VARIANTS[bench][name]
-  if bench == 1:
-    ctx.bench1 = ctx.bench1[:groups] if len(ctx.bench1) >= groups else make_workload(
-        (1,) * groups, seed=1)
   return (torch_variant if kind == "torch" else jax_variant)(ctx, bench, name, opts)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time goes: the product step's three stages on one group
+# --------------------------------------------------------------------------------------------
+
+def profile_group(ctx: Context, rounds: int = 3, n_dev: int = 1) -> list[dict]:
+  """Times each stage of `scoring.score_batch` on one group (10 images, 1 description), each
+  jitted alone through the same model methods, with XLA's FLOP count of each: encode_candidates
+  (ViT), candidate_cross_kv (12 layers' image keys/values), cached_candidate_scores (the text
+  pass). Returns rows {stage, s (best of rounds), gflop, gflops}."""
+  import time
+  import jax
+  from contextblip_jax.models.contextblip import ContextBlip
+  model = ctx.model()
+  params, _ = ctx.device_params(n_dev)
+  b = {k: jax.device_put(v) for k, v in eval_batch(ctx.bench1[:1], 1, 1).items()}
+  v = lambda p: {"params": p}
+  stages = [
+      ("vision: encode_candidates", lambda p, x: model.apply(
+          v(p), x, method=ContextBlip.encode_candidates)),
+      ("image K/V: candidate_cross_kv", lambda p, e: model.apply(
+          v(p), e, method=ContextBlip.candidate_cross_kv)),
+      ("text: cached_candidate_scores", lambda p, kv, i, m: model.apply(
+          v(p), kv, i, m, method=ContextBlip.cached_candidate_scores))]
+  rows, prev = [], None
+  for name, fn in stages:
+    if prev is None:
+      args = (b["images"],)
+    elif name.startswith("image"):
+      args = (prev,)
+    else:
+      args = (prev, b["input_ids"], b["attention_mask"])
+    compiled = jax.jit(fn).lower(params, *args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out = jax.block_until_ready(compiled(params, *args))
+    best = float("inf")
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(params, *args))
+      best = min(best, time.perf_counter() - t0)
+    gflop = float(cost.get("flops", float("nan"))) / 1e9
+    rows.append(dict(stage=name, s=best, gflop=gflop, gflops=gflop / best))
+    prev = out
+  return rows

@@ -7,14 +7,15 @@ structural variants. Leaves are then overridden with `--config.a.b=v`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
 
+from contextblip_jax.run.validate_config import MODES  # noqa: F401 - the one list of modes
 from contextblip_jax.training import masking, optim
 
 # Paper-scale data locations are placeholders: no default points at a real local file.
-MODES = ("backbone", "pretrain", "finetune1", "finetune2", "evaluate", "predict", "demo")
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
@@ -47,6 +48,18 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   return out
 
 
+COMPILATION_CACHE_ENV = "CONTEXTBLIP_XLA_CACHE"
+
+
+def default_compilation_cache() -> str:
+  """The default `config.compilation_cache`: $CONTEXTBLIP_XLA_CACHE when set ('' = off), else
+  $XDG_CACHE_HOME/contextblip_jax/xla, else ~/.cache/contextblip_jax/xla (one per user)."""
+  if COMPILATION_CACHE_ENV in os.environ:
+    return os.environ[COMPILATION_CACHE_ENV]
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "contextblip_jax", "xla")
+
+
 def model_config(variant: str = "B/16", image_size: int = 224) -> ml_collections.ConfigDict:
   """ContextBlipConfig fields (models/contextblip.py); sizes come from models/variants.py."""
   m = ml_collections.ConfigDict()
@@ -70,6 +83,22 @@ def model_config(variant: str = "B/16", image_size: int = 224) -> ml_collections
   m.init_kernel_scale = 1.0      # from-scratch init: ViT/text 2-D kernels x this (BERT/ViT
                                  # N(0, 0.02) suits width 768; ~sqrt(768 / width) for a tiny
                                  # model; parameters loaded from a source keep their values)
+  # Memory and compile time (models/layout.py; README "Memory and compile time"):
+  m.scan_layers = False          # nn.scan over the identical ViT / BERT blocks: one compiled
+                                 # block body, parameters stacked [L, ...]; parameters from a
+                                 # source in the other layout are converted on load
+  m.remat = "none"               # per-block remat: 'none' | 'full' (recompute everything in
+                                 # the backward pass) | 'dots_saveable' (keep matmul outputs) |
+                                 # 'dots_with_no_batch_dims_saveable' (keep weight matmuls)
+  # Precision and attention kernel (run/model_config.py build_model; README "Precision:
+  # compute_dtype, attention_impl"). Neither is part of the parameters.
+  m.compute_dtype = "float32"    # 'float32' | 'bfloat16': activations and matmul inputs;
+                                 # parameters, optimizer state, LayerNorm statistics,
+                                 # softmaxes, logits and losses stay float32
+  m.attention_impl = "explicit"  # attention without probabilities: 'explicit' (float32
+                                 # softmax written out; the numerics of every figure here) |
+                                 # jax.nn.dot_product_attention with 'xla' (any backend) or
+                                 # 'cudnn' (NVIDIA GPU, needs bfloat16)
   return m
 
 
@@ -101,7 +130,10 @@ def train_config() -> ml_collections.ConfigDict:
   t.accum_steps = 1              # micro-batches per step (gradient accumulation)
   t.log_every = 50               # steps between metric records / progress lines
   t.save_every = 500             # steps between (asynchronous) checkpoints
-  t.keep_checkpoints = 2         # most recent checkpoints kept
+  t.keep_checkpoints = 2         # most recent checkpoints kept (>= 1)
+  t.restart = False              # True: start over in a workdir a previous run left files in
+                                 # (they move to <workdir>/restarted.<time>/); False: resume,
+                                 # or stop saying what was found
   t.eval_every_epochs = 0        # fine-tuning: valid accuracy every this many epochs (0 = end)
   t.select_best = False          # export the best-valid parameters instead of the last
   t.compile_report = True        # AOT-compile the step first and log memory / FLOPs
@@ -156,7 +188,9 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   c.num_devices = 0              # devices in the mesh: 0 = all; n = the first n (one process)
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # None = sharding.py table
-  c.compilation_cache = ""       # persistent XLA compilation cache directory ('' = off)
+  c.compilation_cache = default_compilation_cache()  # persistent XLA compilation cache
+                                 # directory (run/cli.py): a second run of the same programs
+                                 # loads them instead of compiling; '' = off
   c.compile_fast = False         # XLA backend optimisation level 0 for the train/eval steps:
                                  # ~2x faster compiles, ~2x slower steps (tests, short runs)
   return c

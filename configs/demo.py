@@ -114,4 +114,7 @@ def get_config(arg=None):
   c.stages.finetune2 = f2
 
   c.predict_test = True          # stage-2 predictions on the unlabelled test file
+  # One flag for every stage: --config.model.compute_dtype=bfloat16 (README "Precision").
+  for stage in c.stages.values():
+    stage.model.compute_dtype = c.model.get_ref("compute_dtype")
   return c

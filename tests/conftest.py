@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The persistent compilation cache is on by default in a per-user directory
+# (configs/common.py); tests never write there: off unless a test names a temporary one.
+os.environ["CONTEXTBLIP_XLA_CACHE"] = ""
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

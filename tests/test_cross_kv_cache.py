@@ -84,3 +84,41 @@ def test_cached_rows_must_group_over_images(model_and_params):
   with pytest.raises(ValueError, match="do not group"):
     jax.eval_shape(lambda p, kv: model.apply(p, ids, mask, kv, method=Blip.itm_cached),
                    params, kv)
+
+
+# ------------------------------------------------------------------ ContextBlip: the product path
+
+@pytest.mark.parametrize("head", ["zero_shot", "stage1", "stage2"])
+def test_cached_candidate_scores_equal_per_description_scores(head):
+  """`candidate_cross_kv` + `cached_candidate_scores` (the evaluation loop's and the scoring
+  command's path: vision and image-side keys/values once per set, D descriptions sharing
+  them) give each description the scores of `candidate_scores` (its own uncached pass)."""
+  from contextblip_jax.models.contextblip import ContextBlip
+  from tests.helpers.loops import random_params, tiny_model_config
+  config = tiny_model_config()
+  model = ContextBlip(config)
+  params = {"params": random_params(config, "finetune", seed=3)}
+  g, d, k, s = 2, 3, config.num_candidates, config.blip.vision.image_size
+  images = jax.random.normal(jax.random.key(4), (g, k, s, s, 3))
+  ids, mask = _texts(g * d, length=11, seed=5)
+  ids, mask = ids.reshape(g, d, -1), mask.reshape(g, d, -1)
+  is_video = jnp.array([True, False])
+
+  @jax.jit
+  def both(params, images, ids, mask, is_video):
+    apply = lambda *a, **kw: model.apply(params, *a, **kw)
+    embeds = apply(images, method=ContextBlip.encode_candidates)
+    kv = apply(embeds, method=ContextBlip.candidate_cross_kv)
+    cached = apply(kv, ids, mask, head, is_video, method=ContextBlip.cached_candidate_scores)
+    ref = jnp.stack([apply(embeds, ids[:, j], mask[:, j], head, is_video,
+                           method=ContextBlip.candidate_scores) for j in range(d)], axis=1)
+    return cached, ref, kv
+
+  cached, ref, kv = both(params, images, ids, mask, is_video)
+  assert cached.shape == ref.shape == (g, d, k)
+  assert kv[0][0].shape[0] == g * k                 # one K/V row per image, not per description
+  # float32 (highest matmul precision): the cached path folds a candidate's D descriptions
+  # into one query block, so XLA sums the same products in a different blocking; 1e-5 bounds
+  # that rounding on probabilities / logits of order 1.
+  np.testing.assert_allclose(cached, ref, atol=1e-5, rtol=0)
+  assert float(jnp.std(ref)) > 1e-4                 # scores differ between candidates

@@ -9,6 +9,8 @@ mode, cross-attention probabilities; ITM probabilities ([ENC] and [CLS] paths); 
 A padded text exercises the masks. Max abs differences are printed (`pytest -s`).
 Also: position-embedding resampling against HF `interpolate_pos_encoding`, and the export
 round trip (our params -> HF directory -> transformers loads it -> identical outputs).
+The same HF directory converted in the scanned layout (`scan_layers`) is the stacked tree,
+matches HF at the same tolerance, and exports to the same state dict.
 """
 
 import functools
@@ -22,11 +24,11 @@ import torch
 from transformers import BlipForImageTextRetrieval
 
 from tests.helpers import torch_reference as tr
-from contextblip_jax.models import layers
+from contextblip_jax.models import layers, layout
 from contextblip_jax.models.bert import SELF_MASK_VALUE
 from contextblip_jax.models.blip import Blip
 from contextblip_jax.storage.param_dir import load_param_dir
-from weight_convert import convert, export_hf
+from weight_convert import convert, export_hf, to_state_dict
 
 TOL = 1e-5
 
@@ -222,3 +224,111 @@ def test_export_round_trip_loads_in_transformers_with_same_outputs(ref, tmp_path
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ scanned layers
+
+@pytest.fixture(scope="module")
+def scanned(ref):
+  """The HF directory converted in the scanned layout (models/layout.py)."""
+  return load_param_dir(convert(str(ref["dir"] / "hf"), str(ref["dir"] / "from_hf_scanned"),
+                                scan_layers=True))
+
+
+def test_scanned_conversion_is_the_stacked_unscanned_conversion(ref, scanned):
+  assert scanned.model.scan_layers and not ref["from_hf"].model.scan_layers
+  assert scanned.model == ref["from_hf"].model.with_layers(scan_layers=True)
+  want = layout.to_layout(ref["from_hf"].params, True)
+  fa = flax.traverse_util.flatten_dict(scanned.params, sep="/")
+  fb = flax.traverse_util.flatten_dict(want, sep="/")
+  assert fa.keys() == fb.keys()
+  assert "pretrained_blip/visual_encoder/blocks/attn/qkv/kernel" in fa
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_scanned_layers_match_hf(ref, scanned):
+  """Scanned model vs transformers: taps (post-LN of every block), final states, per-layer
+  cross-attention probabilities, ITM (uncached and from the cached image K/V), ITC."""
+  model = ref["model"]
+  m, p = Blip(scanned.model.blip), {"params": scanned.params["pretrained_blip"]}
+  ids, mask, pixels = ref["ids"], ref["mask"], ref["pixels"]
+  j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+  with torch.no_grad():
+    hf = model.vision_model(pixels, output_hidden_states=True)
+    hf_taps = [model.vision_model.post_layernorm(h) for h in hf.hidden_states[1:]]
+    hf_mm = model.text_encoder(
+        input_ids=tr.with_enc(ids), attention_mask=mask, encoder_hidden_states=hf.last_hidden_state,
+        encoder_attention_mask=torch.ones(hf.last_hidden_state.shape[:2], dtype=torch.long),
+        output_attentions=True)
+    hf_itm = model(input_ids=tr.with_enc(ids), pixel_values=pixels, attention_mask=mask,
+                   use_itm_head=True).itm_score
+    hf_sim = model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                   use_itm_head=False).itm_score
+
+  @jax.jit
+  def run(p, px):
+    def f(mod):
+      vision = mod.encode_image(px, return_taps=True)
+      e = vision.last_hidden_state
+      mm = mod.multimodal(j_ids, j_mask, e, return_cross_attentions=True)
+      cached = mod.itm_cached(j_ids, j_mask, mod.image_cross_kv(e))
+      sim = mod.image_features(e) @ mod.text_features(j_ids, j_mask).T
+      return vision, mm, mod.itm(j_ids, j_mask, e), cached, sim
+    return m.apply(p, method=f)
+  vision, mm, itm, cached, sim = run(p, tr.nhwc(pixels))
+  diffs = {f"tap {i}": _diff(t, hf_taps[i]) for i, t in enumerate(vision.taps)}
+  diffs["vision last_hidden_state"] = _diff(vision.last_hidden_state, hf.last_hidden_state)
+  diffs["multimodal last_hidden_state"] = _diff(mm.last_hidden_state, hf_mm.last_hidden_state)
+  assert len(mm.cross_attentions) == len(hf_mm.cross_attentions)
+  for i, c in enumerate(mm.cross_attentions):
+    diffs[f"cross probs layer {i}"] = _diff(c, hf_mm.cross_attentions[i])
+  diffs["ITM logits"] = _diff(itm, hf_itm)
+  diffs["ITM logits from cached K/V"] = _diff(cached, hf_itm)
+  diffs["ITC similarity"] = _diff(sim, hf_sim)
+  _report("scanned layers", diffs)
+
+
+def test_scanned_export_equals_unscanned_export(ref, scanned):
+  a = to_state_dict(scanned.params, scanned.model.blip)
+  b = to_state_dict(ref["from_hf"].params, ref["from_hf"].model.blip)
+  assert a.keys() == b.keys() == ref["model"].state_dict().keys() - {
+      k for k in ref["model"].state_dict() if k.endswith("position_ids")}
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ attention paths
+
+def test_fused_and_explicit_attention_paths_match_hf(ref):
+  """The multimodal text encoder with attention_impl 'xla' (models/bert.py BertAttention):
+  explicit float32 softmax (cross-attention probabilities asked for), jax.nn.dot_product_attention
+  (not asked for; also in every self-attention and the ViT), and the fused path from cached
+  image keys/values, each against HF. The other tests here run the default 'explicit'."""
+  pre, model = ref["from_hf"], ref["model"]
+  m, p = Blip(pre.model.blip.with_attention("xla")), {"params": pre.params["pretrained_blip"]}
+  ids, mask, pixels = ref["ids"], ref["mask"], ref["pixels"]
+  j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+  with torch.no_grad():
+    hf_img = model.vision_model(pixels).last_hidden_state
+    hf = model.text_encoder(
+        input_ids=ids, attention_mask=mask, encoder_hidden_states=hf_img,
+        encoder_attention_mask=torch.ones(hf_img.shape[:2], dtype=torch.long)).last_hidden_state
+
+  @jax.jit
+  def run(p, px):
+    def f(mod):
+      e = mod.encode_image(px).last_hidden_state
+      explicit = mod.multimodal(j_ids, j_mask, e, return_cross_attentions=True,
+                                replace_with_enc=False)
+      fused = mod.multimodal(j_ids, j_mask, e, replace_with_enc=False)
+      cached = mod.multimodal_cached(j_ids, j_mask, mod.image_cross_kv(e),
+                                     replace_with_enc=False)
+      return explicit, fused, cached
+    return m.apply(p, method=f)
+  explicit, fused, cached = run(p, tr.nhwc(pixels))
+  assert explicit.cross_attentions and not fused.cross_attentions
+  _report("attention paths", {
+      "explicit softmax (probabilities returned)": _diff(explicit.last_hidden_state, hf),
+      "dot_product_attention": _diff(fused.last_hidden_state, hf),
+      "dot_product_attention, cached K/V": _diff(cached.last_hidden_state, hf)})

@@ -1,6 +1,7 @@
-"""Mesh construction, the logical-axis rules and the golden parameter-sharding table.
+"""Mesh construction, the logical-axis rules and the golden parameter-sharding tables (one per
+parameter layout: unscanned blocks, and scanned blocks stacked [L, ...]).
 
-Regenerate the golden table (only after an intended change of the model or the rules) with
+Regenerate the golden tables (only after an intended change of the model or the rules) with
   REGENERATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_sharding.py
 """
 
@@ -16,7 +17,9 @@ from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, init_params
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_param_shardings.txt")
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+GOLDEN = {False: os.path.join(GOLDEN_DIR, "tiny_param_shardings.txt"),
+          True: os.path.join(GOLDEN_DIR, "tiny_param_shardings_scanned.txt")}
 
 
 def test_make_mesh_fills_minus_one_and_validates():
@@ -77,38 +80,45 @@ def test_constraints_are_active_while_a_step_is_traced():
   assert "sharding_constraint" not in without and "@Sharding" not in without
 
 
-def _tiny_param_table() -> str:
-  cfg = ContextBlipConfig.for_variant("tiny")
+def _tiny_param_table(scan_layers: bool) -> str:
+  cfg = ContextBlipConfig.for_variant("tiny").with_layers(scan_layers=scan_layers)
   model = ContextBlip(cfg)
   boxed = jax.eval_shape(lambda r: init_params(model, r, "all"), jax.random.PRNGKey(0))
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sh = shd.describe(shd.param_shardings(boxed, mesh))
   shapes = {k: v.shape for k, v in
             __import__("flax").traverse_util.flatten_dict(nn.unbox(boxed), sep="/").items()}
-  lines = ["# tiny ContextBlip (stage 'all') on mesh data=2, fsdp=2, tensor=2: "
-           "path  shape  PartitionSpec"]
+  lines = ["# tiny ContextBlip (stage 'all'" + (", scanned layers" if scan_layers else "")
+           + ") on mesh data=2, fsdp=2, tensor=2: path  shape  PartitionSpec"]
   lines += [f"{k}  {tuple(shapes[k])}  {v}" for k, v in sh.items()]
   return "\n".join(lines) + "\n"
 
 
-def test_golden_tiny_param_shardings():
-  table = _tiny_param_table()
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_golden_tiny_param_shardings(scan_layers):
+  table, path = _tiny_param_table(scan_layers), GOLDEN[scan_layers]
   if os.environ.get("REGENERATE_GOLDEN"):
-    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
-    with open(GOLDEN, "w") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
       f.write(table)
-  with open(GOLDEN) as f:
+  with open(path) as f:
     golden = f.read()
   if table != golden:
     want, got = golden.splitlines(), table.splitlines()
     diff = [f"- {l}" for l in want if l not in got] + [f"+ {l}" for l in got if l not in want]
-    raise AssertionError("parameter shardings differ from tests/golden/tiny_param_shardings.txt "
+    raise AssertionError(f"parameter shardings differ from tests/golden/{os.path.basename(path)} "
                          "(REGENERATE_GOLDEN=1 to accept):\n" + "\n".join(diff[:40]))
   # A few entries spelled out, so the table cannot silently become all-replicated.
   assert "pretrained_blip/text_encoder/embeddings/word_embeddings/embedding  (30524, 32)  " \
          "P('tensor', 'fsdp')" in table
-  assert "pretrained_blip/visual_encoder/blocks_0/mlp/fc1/kernel  (32, 64)  " \
-         "P('fsdp', 'tensor')" in table
+  if scan_layers:   # the layer axis is replicated, the others sharded as unscanned
+    assert "pretrained_blip/visual_encoder/blocks/mlp/fc1/kernel  (4, 32, 64)  " \
+           "P(None, 'fsdp', 'tensor')" in table
+    assert "context_encoder/transformer/output/kernel  (2, 64, 32)  " \
+           "P(None, 'tensor', 'fsdp')" in table
+  else:
+    assert "pretrained_blip/visual_encoder/blocks_0/mlp/fc1/kernel  (32, 64)  " \
+           "P('fsdp', 'tensor')" in table
 
 
 def test_mesh_from_config():

@@ -266,7 +266,7 @@ def test_code_running_pickles_are_refused_and_nothing_runs(tmp_path, capsys):
     with pytest.raises(UnsafeCheckpointError, match="refused to load .*weights_only") as err:
       convert(path, str(tmp_path / "out"))
     assert "nothing in it was executed" in str(err.value)
-    assert main(["--src", path, "--out", str(tmp_path / "out")]) == 1
+    assert main(["--src", path, "--out", str(tmp_path / "out")]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
   assert not (tmp_path / "out").exists()
@@ -376,13 +376,14 @@ def test_cli_convert_and_export_with_stage_lines(files, tmp_path, capsys):
   hf_out = str(tmp_path / "hf_out")
   assert main(["export", "--checkpoint", out, "--out", hf_out]) == 0
   assert "[4/4] write" in capsys.readouterr().out
-  assert sorted(os.listdir(hf_out)) == ["config.json", "model.safetensors"]
-  assert main(["--src", files["orig"], "--out", str(tmp_path / "x")]) == 1   # width 32 heads
+  assert sorted(os.listdir(hf_out)) == ["config.json", "contextblip_jax_export.json",
+                                        "model.safetensors"]
+  assert main(["--src", files["orig"], "--out", str(tmp_path / "x")]) == 2   # width 32 heads
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "cannot infer vision heads" in err
   assert not (tmp_path / "x").exists()
   assert main(["--src", files["orig"], "--out", str(tmp_path / "y"), "--image-size", "36",
-               "--vision-heads", "4", "--text-heads", "4"]) == 1
+               "--vision-heads", "4", "--text-heads", "4"]) == 2
   assert "not a multiple of the patch size" in capsys.readouterr().err
 
 
@@ -451,3 +452,27 @@ def test_cli_help_documents_both_modes(capsys):
   assert exc.value.code == 0
   text = capsys.readouterr().out
   assert "--src PATH --out DIR" in text and "export --checkpoint DIR --out HF_DIR" in text
+
+
+# --- the scanned layout ------------------------------------------------------------------
+
+def test_cli_scan_layers_writes_the_stacked_tree_and_exports_the_same(files, tmp_path):
+  """`--scan-layers` on a ContextBLIP checkpoint (adapter included): model.json records the
+  layout, the tree is the unscanned conversion stacked, export gives the same state dict."""
+  from contextblip_jax.models import layout
+  plain, stacked = str(tmp_path / "plain"), str(tmp_path / "stacked")
+  heads = ["--vision-heads", "4", "--text-heads", "4"]
+  assert main(["--src", files["cb"], "--out", plain] + heads) == 0
+  assert main(["--src", files["cb"], "--out", stacked, "--scan-layers"] + heads) == 0
+  a, b = load_param_dir(plain), load_param_dir(stacked)
+  assert b.model.scan_layers and not a.model.scan_layers and b.model.use_adapter
+  assert b.model == a.model.with_layers(scan_layers=True)
+  fa, fb = _flat(layout.to_layout(a.params, True)), _flat(b.params)
+  assert fa.keys() == fb.keys()
+  assert fb["pretrained_blip/text_encoder/encoder/layer/crossattention/key/kernel"].shape[0] == 2
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+  sa, sb = to_state_dict(a.params, a.model.blip), to_state_dict(b.params, b.model.blip)
+  assert sa.keys() == sb.keys()
+  for k in sa:
+    np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)

@@ -11,15 +11,21 @@ vocab.txt, provenance.json), the same format a training stage exports. `export` 
 parameter directory or stage workdir and writes its BLIP part; groups that Hugging Face cannot
 hold (the vision adapter, TMIM, fine-tuning heads) are named in the output and left out.
 
-One progress line per stage (load, map, check, write); exit status 1 with `error: ...` on
-stderr on any failure, in which case no output directory is left behind.
+One progress line per stage (load, map, check, write). On bad input (a missing or unsafe
+file, a checkpoint that does not fit, NaN / integer tensors, an output directory `--overwrite`
+may not replace) one line `error: ...` on stderr and exit status 2, and no output directory is
+left behind; the traceback only with --verbose (or CONTEXTBLIP_VERBOSE=1). `--overwrite`
+replaces only a directory this command wrote (a parameter directory for convert, an export
+with its `contextblip_jax_export.json` marker for export) that neither is nor holds the source.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from contextblip_jax.storage.checkpoints import silence_shutdown_noise
 from weight_convert.converter import convert
 from weight_convert.export_hf import export_checkpoint
 from weight_convert.loaders import ConversionError
@@ -78,14 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
   conv.add_argument("--adapter-taps", type=_taps, default=None,
                     help="ContextBLIP adapter: 1-based tapped ViT blocks, e.g. 3,6,9,12 "
                          "(default evenly spaced)")
-  conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  conv.add_argument("--scan-layers", action="store_true",
+                    help="write the scanned layout (blocks stacked [L, ...]; recorded in "
+                         "model.json); runs convert either layout to their config's on load")
+  conv.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out parameter directory (never the source or "
+                         "a directory holding it)")
+  conv.add_argument("--verbose", action="store_true", help="print the traceback on an error")
   exp = sub.add_parser("export", help="parameter directory -> Hugging Face directory (BLIP "
                                       "part)")
   exp.add_argument("--checkpoint", required=True,
                    help="parameter directory (written by `convert` or a training stage's "
                         "export/) or a stage workdir")
   exp.add_argument("--out", required=True, help="HF output directory (must not exist)")
-  exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  exp.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (never the checkpoint read)")
+  exp.add_argument("--verbose", action="store_true", help="print the traceback on an error")
   return parser
 
 
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     build_parser().print_help()
     return 2
   log = lambda s: print(s, flush=True)  # noqa: E731
+  silence_shutdown_noise()
   try:
     if args.mode == "export":
       export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, log=log)
@@ -105,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
       convert(args.src, args.out, args.format, args.image_size,
               vision_heads=args.vision_heads, text_heads=args.text_heads,
               hf_config=args.hf_config, adapter_taps=args.adapter_taps,
-              overwrite=args.overwrite, log=log)
+              scan_layers=args.scan_layers, overwrite=args.overwrite, log=log)
   except (ConversionError, OSError, ValueError, KeyError) as e:
+    if args.verbose or os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
+      raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 1
+    return 2
   return 0
 
 

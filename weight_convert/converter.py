@@ -5,13 +5,16 @@ Stages (each logs one progress line):
   2. map    the config comes from the source (infer_config.py); the abstract target tree
             (`jax.eval_shape` of `Blip(config).init`, unboxed, plus the adapter when the source
             has one) is flattened and *every* leaf is filled through the one table in
-            mapping.py (`map_source`).
+            mapping.py (`map_source`). The table names the unscanned layout (`blocks_{i}`,
+            `layer_{i}`); a scanned target (`scan_layers`: stacks with a leading layer axis,
+            models/layout.py) is filled through its unscanned twin, block by block, then
+            stacked by `layout.to_layout`.
   3. check  every source key is used or in a named ignored group; any missing, unexpected or
             mis-shaped key raises `ConversionError` naming all of them (`MappingReport.check`).
   4. write  `contextblip_jax.storage.param_dir.write_param_dir` (temp dir + rename: a failure
             leaves nothing behind): params/, model.json (the ContextBlipConfig of the source:
-            BLIP sizes, and the adapter's taps / reduction when it has one), vocab.txt, and
-            provenance.json {writer "weight_convert", source {path, format
+            BLIP sizes, the layer layout, and the adapter's taps / reduction when it has one),
+            vocab.txt, and provenance.json {writer "weight_convert", source {path, format
             original|contextblip|hf, sha256 of the file(s)}, summary (the mapping report)}.
 
   convert("model_base.pth", "ckpt/blip_base")                  # -> absolute path of the dir
@@ -33,11 +36,14 @@ import numpy as np
 from flax import traverse_util
 
 from contextblip_jax.data.tokenizer import VOCAB_PATH
+from contextblip_jax.models import layout
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
 from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.storage.param_dir import blip_model_config, write_param_dir
+from contextblip_jax.storage.atomic import check_replaceable
+from contextblip_jax.storage.param_dir import (blip_model_config, is_parameter_directory,
+                                               write_param_dir)
 from weight_convert import mapping
 from weight_convert.infer_config import (adapter_from_source, config_from_hf,
                                          config_from_original)
@@ -108,10 +114,12 @@ def map_source(source: SourceState, target: dict, allow_resample: bool = False
   """Fills every leaf of the abstract `target` tree from `source` through mapping.RULES.
 
   Returns (nested params of float32 NumPy arrays, report); call `report.check()` before use.
-  `allow_resample` lets the pos_embed hook resize a different patch grid (bicubic).
+  `allow_resample` lets the pos_embed hook resize a different patch grid (bicubic). A target
+  in the scanned layout is filled in the unscanned one and returned stacked.
   """
   report = MappingReport(source)
-  flat = traverse_util.flatten_dict(target, sep="/")
+  scanned = layout.is_scanned(target)
+  flat = traverse_util.flatten_dict(layout.to_layout(target, False), sep="/")
   out = {}
   for path, leaf in flat.items():
     key, rule = mapping.source_key(path, source.format)
@@ -143,7 +151,8 @@ def map_source(source: SourceState, target: dict, allow_resample: bool = False
     else:
       counts[group] += 1
   report.ignored = dict(counts)
-  return traverse_util.unflatten_dict(out, sep="/"), report
+  params = traverse_util.unflatten_dict(out, sep="/")
+  return (layout.to_layout(params, True) if scanned else params), report
 
 
 @dataclasses.dataclass
@@ -200,21 +209,22 @@ def _tied_embedding_note(source: SourceState) -> list[str]:
 def to_flax(source: SourceState, image_size: int | None = None, *,
             vision_heads: int | None = None, text_heads: int | None = None,
             hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
-            log: Log | None = None) -> Converted:
-  """Map + check stages: SourceState -> Converted (raises ConversionError on any mismatch)."""
+            scan_layers: bool = False, log: Log | None = None) -> Converted:
+  """Map + check stages: SourceState -> Converted (raises ConversionError on any mismatch);
+  `scan_layers`: the parameters in the scanned layout (models/layout.py)."""
   log = log or (lambda s: None)
   config, notes, resample = source_config(source, image_size, vision_heads=vision_heads,
                                           text_heads=text_heads, hf_config=hf_config)
   adapter = adapter_from_source(source, config, adapter_taps)
   model = blip_model_config(config, adapter["taps"] if adapter else None,
-                            adapter["reduction"] if adapter else 2)
+                            adapter["reduction"] if adapter else 2).with_layers(scan_layers)
   target = abstract_params(model)
   params, report = map_source(source, target, allow_resample=resample)
   report.notes[:0] = source.notes + notes + _tied_embedding_note(source)
   n_leaves = len(traverse_util.flatten_dict(target))
   log(f"[2/4] map: {n_leaves} target parameters from {len(source.arrays)} source tensors"
       + (f"; adapter taps {list(model.adapter_taps)} reduction {model.adapter_reduction}"
-         if model.use_adapter else ""))
+         if model.use_adapter else "") + ("; scanned layers" if scan_layers else ""))
   report.check()
   log(f"[3/4] check: ok: {report.summary()}")
   for note in report.notes:
@@ -247,18 +257,21 @@ def _sha256(path: str) -> str:
 def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None, *,
             vision_heads: int | None = None, text_heads: int | None = None,
             hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
-            overwrite: bool = False, log: Log | None = None) -> str:
+            scan_layers: bool = False, overwrite: bool = False, log: Log | None = None) -> str:
   """Converts `src` (original .pth/.safetensors file or HF directory) into the directory `out`.
 
   Args:
     src: checkpoint file ('original') or HF BlipForImageTextRetrieval directory ('hf').
     out: output parameter directory (contextblip_jax.storage.param_dir); must not exist
-      unless overwrite.
+      unless overwrite, and overwrite replaces only a parameter directory that neither is nor
+      holds `src` (`storage.atomic.check_replaceable`).
     fmt: 'auto' | 'original' | 'hf'.
     image_size: target resolution; position embeddings are resampled if it differs.
     vision_heads, text_heads: head counts for original checkpoints (default width // 64).
     hf_config: 'blip' (vision eps 1e-6, dropout 0.1) or 'config' (config.json literally).
     adapter_taps: 1-based ViT blocks of a ContextBLIP adapter (default evenly spaced).
+    scan_layers: write the scanned layout (stacked blocks; recorded in model.json). Every
+      command converts a directory to the layout its config asks for on load.
     log: called with one progress line per stage.
   Returns:
     The absolute path of the written directory. Nothing is written if any stage fails.
@@ -267,10 +280,12 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+  check_replaceable(out, [src], is_parameter_directory, "a parameter directory")
   source = load_source(src, fmt)
   log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
   conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
-                 hf_config=hf_config, adapter_taps=adapter_taps, log=log)
+                 hf_config=hf_config, adapter_taps=adapter_taps, scan_layers=scan_layers,
+                 log=log)
   provenance = {"writer": "weight_convert", "source": source_record(source),
                 "summary": conv.report.as_dict()}
   path = write_param_dir(out, conv.params, conv.model, provenance, vocab_path=VOCAB_PATH,

@@ -5,7 +5,9 @@ transposed back, HWIO -> OIHW), so import and export share one table. The direct
 `config.json` (infer_config.hf_config_dict; vision eps and dropout are ours, i.e. BLIP's) and
 `model.safetensors`; it is written to a temporary sibling and renamed into place.
 
-Only the BLIP part (`pretrained_blip`) has a Hugging Face counterpart. Every other group is
+Parameters in the scanned layout (`scan_layers`, stacked blocks) are unstacked first by
+`models/layout.py: to_layout`. Only the BLIP part (`pretrained_blip`) has a Hugging Face
+counterpart. Every other group is
 left out and each is named in the log: the ContextBLIP vision adapter (BlipForImageTextRetrieval
 has no place for it, so the exported model's ITM runs on the plain BLIP image tokens and differs
 from `contextblip_jax.score` on an adapter checkpoint), and a stage's TMIM, `prediction_layer`
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable
 
 import numpy as np
 from flax import traverse_util
 
-from contextblip_jax.storage.atomic import atomic_directory
+from contextblip_jax.storage.atomic import atomic_directory, check_replaceable
+from contextblip_jax.storage.workdir import HF_EXPORT_MARKER
+from contextblip_jax.models import layout
 from contextblip_jax.models.variants import BlipConfig
 from contextblip_jax.storage.param_dir import describe, load_param_dir
 from weight_convert import mapping
@@ -40,9 +45,12 @@ def to_state_dict(params: dict[str, Any], config: BlipConfig, fmt: str = "hf"
   """Blip params (or {"pretrained_blip": ...}) -> PyTorch-layout state dict in format `fmt`.
 
   The tree must match `abstract_params(config)` exactly (paths and shapes), else
-  ConversionError names the differences.
+  ConversionError names the differences. Scanned layers (stacked blocks) are unstacked first
+  (models/layout.py), so both layouts export to the same state dict.
   """
   blip = params["pretrained_blip"] if "pretrained_blip" in params else params
+  blip = layout.to_layout(blip, False)
+  config = config.with_layers(scan_layers=False)
   flat = traverse_util.flatten_dict({"pretrained_blip": blip}, sep="/")
   want = traverse_util.flatten_dict(abstract_params(config), sep="/")
   problems = [f"missing {p}" for p in sorted(set(want) - set(flat))]
@@ -59,13 +67,17 @@ def to_state_dict(params: dict[str, Any], config: BlipConfig, fmt: str = "hf"
 
 
 def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: bool = False,
-              log: Log | None = None) -> str:
-  """Writes `out` (config.json + model.safetensors) atomically; returns its absolute path."""
+              log: Log | None = None, sources: tuple[str, ...] = ()) -> str:
+  """Writes `out` (config.json + model.safetensors + the marker HF_EXPORT_MARKER)
+  atomically; returns its absolute path. `overwrite` replaces only an earlier export (with
+  the marker) that neither is nor holds one of `sources`."""
   from safetensors.numpy import save_file
   log = log or (lambda s: None)
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+  check_replaceable(out, sources, lambda d: os.path.isfile(os.path.join(d, HF_EXPORT_MARKER)),
+                    "a Hugging Face export written by weight_convert")
   if "pretrained_blip" in params:
     for note in left_out_notes(params):
       log(f"      note: {note}")
@@ -76,6 +88,8 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(config), f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, HF_EXPORT_MARKER), "w") as f:
+      json.dump({"writer": "weight_convert export", "time": time.time()}, f)
   log(f"[4/4] write: {out}")
   return out
 
@@ -100,4 +114,5 @@ def export_checkpoint(ckpt_dir: str, out: str, overwrite: bool = False,
   log = log or (lambda s: None)
   pd = load_param_dir(ckpt_dir)
   log(f"[1/4] load: {pd.path} ({describe(pd.provenance)}; groups {', '.join(sorted(pd.params))})")
-  return export_hf(pd.params, pd.model.blip, out, overwrite=overwrite, log=log)
+  return export_hf(pd.params, pd.model.blip, out, overwrite=overwrite, log=log,
+                   sources=(ckpt_dir, pd.path))

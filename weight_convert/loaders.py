@@ -55,8 +55,18 @@ class SourceState:
     return tuple(self.arrays[key].shape)
 
   def numpy(self, key: str) -> np.ndarray:
-    """The tensor at canonical `key` as a float32 (floating) NumPy array."""
-    return to_numpy(self.arrays[key])
+    """The tensor at canonical `key` as a float32 NumPy array (every target parameter is
+    floating point). Raises ConversionError naming the key for an integer / bool tensor (it
+    would be silently truncated or reinterpreted) and for NaN / infinite values."""
+    x = to_numpy(self.arrays[key])
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ConversionError(f"{self.path}: tensor {self.name(key)!r} has dtype {x.dtype}, but "
+                            f"the parameter it fills is floating point")
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+      raise ConversionError(f"{self.path}: tensor {self.name(key)!r} holds {bad} NaN or "
+                            f"infinite values (of {x.size})")
+    return x
 
   def name(self, key: str) -> str:
     return self.names.get(key, key)
@@ -168,21 +178,50 @@ def load_original(path: str) -> SourceState:
   return SourceState(arrays, names, path, "original", notes=notes)
 
 
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{path}: not valid JSON ({e})") from e
+
+
+def _index_shards(index_path: str) -> list[str]:
+  """The shard files a safetensors index names (sorted, each once), each checked to be a
+  plain file name inside the index's directory: an index naming a path outside it (absolute,
+  '..', a symlink leading out) or not of the form {"weight_map": {key: file}} is refused."""
+  index = _read_json(index_path)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise ConversionError(f"{index_path}: expected {{\"weight_map\": {{tensor name: shard "
+                          f"file}}}}, got {type(index).__name__}"
+                          + ("" if not isinstance(index, dict) else " without such a map"))
+  root = os.path.realpath(os.path.dirname(index_path))
+  out = []
+  for shard in sorted(set(weight_map.values())):
+    full = os.path.realpath(os.path.join(root, shard))
+    if os.path.isabs(shard) or os.path.dirname(full) != root:
+      raise ConversionError(f"{index_path}: shard {shard!r} is not a file of the model "
+                            f"directory {root}")
+    out.append(full)
+  return out
+
+
 def load_hf_dir(path: str) -> SourceState:
   """A Hugging Face BlipForImageTextRetrieval directory -> SourceState (with config.json)."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
     raise ConversionError(f"{path}: not a Hugging Face model directory (no config.json)")
-  with open(cfg_path) as f:
-    hf_config = json.load(f)
+  hf_config = _read_json(cfg_path)
+  if not isinstance(hf_config, dict):
+    raise ConversionError(f"{cfg_path}: expected a JSON object, got {type(hf_config).__name__}")
   state: dict[str, Any] = {}
   if os.path.isfile(os.path.join(path, "model.safetensors")):
     state = read_weight_file(os.path.join(path, "model.safetensors"))
   elif os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-    with open(os.path.join(path, "model.safetensors.index.json")) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    for shard in shards:
-      state.update(read_weight_file(os.path.join(path, shard)))
+    for shard in _index_shards(os.path.join(path, "model.safetensors.index.json")):
+      state.update(read_weight_file(shard))
   elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
     state = read_weight_file(os.path.join(path, "pytorch_model.bin"))
   else:

@@ -17,6 +17,11 @@ and a `Hook` that turns the PyTorch tensor into the Flax array (and back, for ex
 into the source template. Keys are *canonical*: for a ContextBLIP checkpoint the `pretrained_blip.`
 prefix of the BLIP keys is removed before lookup (see `loaders.SourceState`).
 
+The table names the unscanned layout (`blocks_{i}`, `layer_{i}`). A tree in the scanned layout
+(stacks with a leading layer axis, `scan_layers`) maps through its unscanned twin: the
+converter and the export convert with the one helper `contextblip_jax.models.layout.to_layout`,
+so a stacked leaf [L, ...] is filled from (or exported to) the L per-layer keys.
+
 Source keys that the target does not use must belong to one of the named `IGNORED_GROUPS`;
 anything else is an error (see `converter.map_source`). Export to HF (`export_hf.py`) walks this
 same table in reverse with `Hook.inverse`.

@@ -25,6 +25,11 @@ level: always raises), an empty or non-string description, a label out of 0-9, a
 image-set directory, a set with other than 10 images, an annotation naming an unknown set or
 an unknown tag. Corrupt / non-decodable images are found at load time (`preprocess` raises
 `ImageLoadError` naming the file), or up front with `check_images="decode"`.
+Always raised, whatever the policy (the file as a whole is unusable): a duplicate key in the
+JSON or YAML (JSON would silently keep the later one) and an empty split ({}). (A split
+all of whose descriptions were skipped is read, every one counted; training refuses it,
+evaluation reports it with accuracies null.) A gold key must be one ASCII digit 0-9 ("³" or
+"03" are bad entries).
 One exception to the policy: an annotation entry whose gold index is not a description of a
 known set is reported in `split.unmatched_annotations` (and logged) but never raises, because
 the real manual_annotation_valid.yaml has two such entries (MSR-VTT-videoTestVideo_video9053-
@@ -42,7 +47,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from contextblip_jax.data import preprocess
+from contextblip_jax.data import preprocess, unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +143,32 @@ class _Policy:
     self.skipped.append(Skipped(file, entry, reason, descriptions))
 
 
+def gold_index(key: Any) -> int | None:
+  """The label of a gold key: one ASCII digit '0'-'9' (or an int 0-9 from YAML); else None."""
+  if isinstance(key, int) and not isinstance(key, bool):
+    return key if 0 <= key < NUM_CANDIDATES else None
+  if isinstance(key, str) and re.fullmatch(r"[0-9]", key):
+    return int(key)
+  return None
+
+
 def _load_json(path: str) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      data = json.load(f, object_pairs_hook=unique_keys.object_pairs)
   except FileNotFoundError as e:
     raise ImagecodeDataError(f"{path}: annotation file not found") from e
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ImagecodeDataError(f"{path}: not valid JSON ({e})") from e
+  dup = unique_keys.first_duplicate(data)
+  if dup is not None:
+    raise ImagecodeDataError(f"{path}: duplicate key {dup!r} (JSON would keep only the later "
+                             f"value); remove or rename one of them")
+  return data
 
 
 def _detect_labelled(path: str, data: dict) -> bool:
-  kinds = {type(v) for v in data.values()}
+  kinds = {dict if isinstance(v, dict) else type(v) for v in data.values()}
   if kinds <= {dict}:
     return True
   if kinds <= {list}:
@@ -179,10 +198,10 @@ def _descriptions(path, set_name, entry, labelled, policy) -> list[tuple[int, st
     where = f"{set_name}/{key if labelled else j}"
     label = -1
     if labelled:
-      if not (isinstance(key, str) and key.isdigit() and 0 <= int(key) < NUM_CANDIDATES):
-        policy.bad(path, where, f"label must be an integer 0-{NUM_CANDIDATES - 1}, got {key!r}")
+      label = gold_index(key)
+      if label is None:
+        policy.bad(path, where, f"label must be one digit 0-{NUM_CANDIDATES - 1}, got {key!r}")
         continue
-      label = int(key)
     if not isinstance(text, str) or not text.strip():
       policy.bad(path, where, f"description must be a non-empty string, got {text!r}")
       continue
@@ -233,7 +252,7 @@ def load_phenomenon_tags(path: str, on_error: str = "raise"
   policy = _Policy(on_error)
   try:
     with open(path, encoding="utf-8") as f:
-      data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+      data = yaml.load(f, Loader=unique_keys.yaml_loader())
   except FileNotFoundError as e:
     raise ImagecodeDataError(f"{path}: annotation file not found") from e
   except yaml.YAMLError as e:
@@ -249,7 +268,7 @@ def load_phenomenon_tags(path: str, on_error: str = "raise"
       continue
     for gold, entry in entries.items():
       where = f"{set_name}/{gold}"
-      if not (str(gold).isdigit() and 0 <= int(gold) < NUM_CANDIDATES):
+      if gold_index(gold) is None:
         policy.bad(path, where, f"gold index must be 0-{NUM_CANDIDATES - 1}, got {gold!r}", 0)
         continue
       ann = entry.get("annotation") if isinstance(entry, dict) else None
@@ -261,7 +280,7 @@ def load_phenomenon_tags(path: str, on_error: str = "raise"
       if unknown:
         policy.bad(path, where, f"unknown tags {unknown}; known: {list(PHENOMENON_TAGS)}", 0)
         continue
-      tags[(str(set_name), int(gold))] = parts
+      tags[(str(set_name), gold_index(gold))] = parts
   return tags, policy.skipped
 
 
@@ -287,7 +306,9 @@ def read_imagecode(json_path: str, image_root: str | None = None, *,
   if not isinstance(data, dict):
     raise ImagecodeDataError(f"{json_path}: expected an object {{set_name: ...}} at top level, "
                              f"got {type(data).__name__}")
-  labelled = _detect_labelled(json_path, data) if data else True
+  if not data:
+    raise ImagecodeDataError(f"{json_path}: no image sets (an empty split)")
+  labelled = _detect_labelled(json_path, data)
   examples: list[ImagecodeExample] = []
   sets: list[ImagecodeSet] = []
   for set_name, entry in data.items():
@@ -438,19 +459,22 @@ def skipped_records(split: ImagecodeSplit) -> list[dict[str, Any]]:
   for s in split.skipped:
     if s.file.endswith((".yaml", ".yml")):
       continue
-    set_name, _, key = s.entry.partition("/")
+    if s.entry in data:                  # a whole set (its name may hold '/': a bad name)
+      set_name, key = s.entry, ""
+    else:
+      set_name, _, key = s.entry.partition("/")
     entry = data.get(set_name)
     if isinstance(entry, dict):
       items = [(i, k, v) for i, (k, v) in enumerate(entry.items())]
     elif isinstance(entry, list):
       items = [(i, str(i), v) for i, v in enumerate(entry)]
     else:
-      items = []
+      items = [(0, "", entry)] if s.descriptions else []
     for i, k, text in items:
       if (key and k != key) or (set_name, i) in seen:
         continue
       seen.add((set_name, i))
-      gold = int(k) if split.labelled and str(k).isdigit() else None
+      gold = gold_index(k) if split.labelled else None
       out.append({"set": set_name, "index": i,
                   "description": text if isinstance(text, str) else repr(text),
                   "static": not is_video_set(set_name), "gold": gold, "pred": None,

@@ -34,9 +34,29 @@ class ImageLoadError(Exception):
     super().__init__(f"cannot load image {self.path}: {reason}")
 
 
+class _WideImageError(ValueError):
+  """A 16-bit, 32-bit or float image whose values cannot be scaled to 8 bits."""
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-  """`.convert('RGB')` as the reference does, for every PIL mode (L, LA, P, RGBA, CMYK, I;16...)."""
-  return img if img.mode == "RGB" else img.convert("RGB")
+  """`.convert('RGB')` as the reference does, for the 8-bit PIL modes (L, LA, P, RGBA,
+  CMYK, ...). Wider grey modes are scaled first (PIL's own conversion clips them, which turns
+  a 16-bit or float image white or black): 16-bit and 32-bit integer images (I;16*, I) with
+  values in 0-65535 by 255/65535, float images (F) with values in [0, 1] by 255; other
+  values raise (ImageLoadError in `decode_rgb`)."""
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+    a = np.asarray(img, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+      raise _WideImageError(f"{img.mode} image with non-finite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    top = 1.0 if img.mode == "F" else 65535.0
+    if lo < 0 or hi > top:
+      raise _WideImageError(f"{img.mode} image with values in [{lo:g}, {hi:g}], outside "
+                            f"[0, {top:g}]: convert it to an 8-bit image first")
+    img = Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), "L")
+  return img.convert("RGB")
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -64,6 +84,8 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
       return to_rgb(img)
   except UnidentifiedImageError as e:
     raise ImageLoadError(name, "not a recognised image format") from e
+  except _WideImageError as e:
+    raise ImageLoadError(name, str(e)) from e
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ImageLoadError(name, f"corrupt or truncated image ({e})") from e
 

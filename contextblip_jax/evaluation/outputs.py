@@ -9,6 +9,10 @@ Under the directory given (process 0 writes):
                              tag, skipped counts; `accuracy.accuracy_report`)
   <name>.leaderboard.json    unlabelled (test) split only: {set: [pred, ...]} in the test
                              file's order (`accuracy.leaderboard`)
+
+Every file is strict JSON: a NaN or infinite number (e.g. the accuracy of an empty subset) is
+written as null. For an unlabelled split the leaderboard is built first: when a description
+has no prediction (skipped by the reader) nothing is written and the error names it.
 """
 
 from __future__ import annotations
@@ -48,10 +52,21 @@ def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   return len(ordered)
 
 
+def strict_json(obj: Any) -> Any:
+  """`obj` with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
+  if isinstance(obj, float):
+    return obj if np.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  return obj
+
+
 def write_json(path: str, obj: Any, **kw) -> None:
-  """`obj` as JSON at `path`, atomically."""
+  """`obj` as strict JSON at `path` (NaN / Inf -> null), atomically."""
   with atomic_file(path) as f:
-    json.dump(obj, f, **kw)
+    json.dump(strict_json(obj), f, allow_nan=False, **kw)
 
 
 def write_leaderboard(path: str, records: Sequence[Mapping[str, Any]],
@@ -72,12 +87,25 @@ def write_outputs(out_dir: str, name: str, records: list[dict[str, Any]],
   files = {"predictions": os.path.join(out_dir, f"{name}.predictions.jsonl"),
            "report": os.path.join(out_dir, f"{name}.report.json")}
   records = sorted(records, key=lambda r: (r["set"], r["index"]))
-  write_predictions(files["predictions"], records)
-  write_json(files["report"], report, indent=1, sort_keys=True)
+  board = None
   if not split.labelled:
     with open(split.source, encoding="utf-8") as f:
       expected = json.load(f)
+    try:                                    # raises before anything is written
+      board = accuracy.leaderboard([r for r in records if r.get("pred") is not None], expected)
+    except ValueError as e:
+      skipped = [r for r in records if r.get("pred") is None]
+      if not skipped:
+        raise
+      r = skipped[0]
+      raise ValueError(
+          f"{split.source}: {len(skipped)} test descriptions were skipped (first: set "
+          f"{r['set']!r} description {r['index']}: {r.get('skipped')}); a leaderboard needs a "
+          f"prediction for every description, so no file of {name!r} was written: fix the "
+          f"data (or run with data.on_error=raise to see each problem)") from e
+  write_predictions(files["predictions"], records)
+  write_json(files["report"], report, indent=1, sort_keys=True)
+  if board is not None:
     files["leaderboard"] = os.path.join(out_dir, f"{name}.leaderboard.json")
-    write_leaderboard(files["leaderboard"], [r for r in records if r.get("pred") is not None],
-                      expected)
+    write_json(files["leaderboard"], board, indent=1)
   return files

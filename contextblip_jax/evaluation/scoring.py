@@ -1,12 +1,15 @@
 """The jitted IMAGECODE scoring step: a batch of whole image sets -> scores [L, D, 10].
 
-Each set's 10 candidates go through the vision tower once (`ContextBlip.encode_candidates`)
-and the embeddings are reused for each of the set's D descriptions
-(`ContextBlip.candidate_scores`), in one jitted, sharded step per batch. Heads
-(`ContextBlip.SCORE_HEADS`): 'zero_shot' (ITM match probability), 'stage1', 'stage2'
+Each set's 10 candidates go through the vision tower once (`ContextBlip.encode_candidates`),
+their image-side cross-attention keys/values of every text layer are computed once
+(`ContextBlip.candidate_cross_kv`), and each of the set's D descriptions then costs only its
+text pass (`ContextBlip.cached_candidate_scores`), in one jitted, sharded step per batch.
+The scores equal `candidate_scores` of each description (tests/test_cross_kv_cache.py).
+Heads (`ContextBlip.SCORE_HEADS`): 'zero_shot' (ITM match probability), 'stage1', 'stage2'
 (fine-tuned logits). `head_params` picks the parameter groups a head reads and
 `param_shardings_for` their shardings from the model's logical axis names.
-(The scoring command for a few image files is `scorer.py`.)
+(The scoring command for a few image files is `scorer.py`; the benchmarks in bench/ time
+`score_batch` itself.)
 """
 
 from __future__ import annotations
@@ -24,23 +27,22 @@ HEADS = ContextBlip.SCORE_HEADS
 
 
 def score_batch(params, batch, *, model: ContextBlip, head: str):
-  """Scores of a set batch; each set's vision features computed once.
+  """Scores of a set batch; each set's vision features and cross-attention keys/values
+  computed once and shared by its D descriptions.
 
   batch: images [L, 10, S, S, 3], input_ids / attention_mask [L, D, T], is_video [L],
   desc_mask [L, D], example_index [L, D], set_mask [L] (`pipeline.imagecode_eval_pipeline`).
   Returns (scores [L, D, 10] float32, {desc_mask, example_index, set_mask}).
   """
   variables = {"params": params}
-  l, d, t = batch["input_ids"].shape
   embeds = model.apply(variables, batch["images"],
                        method=ContextBlip.encode_candidates)        # [L, 10, N, Dv]
-  embeds = jnp.repeat(embeds, d, axis=0)                           # [L*D, 10, N, Dv]
-  is_video = jnp.repeat(batch["is_video"], d, axis=0) if head == "stage2" else None
-  scores = model.apply(variables, embeds, batch["input_ids"].reshape(l * d, t),
-                       batch["attention_mask"].reshape(l * d, t), head, is_video,
-                       method=ContextBlip.candidate_scores)        # [L*D, 10]
+  kv = model.apply(variables, embeds, method=ContextBlip.candidate_cross_kv)  # [L*10, N, H, Dh]
+  is_video = batch["is_video"] if head == "stage2" else None
+  scores = model.apply(variables, kv, batch["input_ids"], batch["attention_mask"], head,
+                       is_video, method=ContextBlip.cached_candidate_scores)  # [L, D, 10]
   meta = {k: batch[k] for k in ("desc_mask", "example_index", "set_mask")}
-  return scores.reshape(l, d, -1).astype(jnp.float32), meta
+  return scores.astype(jnp.float32), meta
 
 
 def make_score_step(model: ContextBlip, head: str, param_shardings: Any, batch_shardings: Any,

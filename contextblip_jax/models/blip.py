@@ -45,9 +45,12 @@ class Blip(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.visual_encoder = VisionTransformer(c.vision, **kw)
     self.text_encoder = BertModel(c.text, **kw)
-    self.itm_head = layers.Dense(2, axes=("embed", None), **kw)
-    self.vision_proj = layers.Dense(c.embed_dim, axes=("embed", None), **kw)
-    self.text_proj = layers.Dense(c.embed_dim, axes=("embed", None), **kw)
+    # The heads compute in float32 whatever `dtype` is: ITM logits and ITC features are
+    # logits (a tiny share of the FLOPs).
+    head = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+    self.itm_head = layers.Dense(2, axes=("embed", None), **head)
+    self.vision_proj = layers.Dense(c.embed_dim, axes=("embed", None), **head)
+    self.text_proj = layers.Dense(c.embed_dim, axes=("embed", None), **head)
 
   def __call__(self, pixels, input_ids, attention_mask, deterministic: bool = True):
     """Touches every parameter (for `init`); returns (itm logits [B, 2], itc sim [B, B])."""
@@ -82,7 +85,7 @@ class Blip(nn.Module):
 
   def itm_from_states(self, last_hidden_state) -> jax.Array:
     """ITM logits [B, 2] (float32; index 1 = match) from the multimodal states [B, T, D]."""
-    return self.itm_head(last_hidden_state[:, 0]).astype(jnp.float32)
+    return self.itm_head(last_hidden_state[:, 0])
 
   def itm(self, input_ids, attention_mask, image_embeds, image_mask=None,
           deterministic: bool = True, replace_with_enc: bool = True) -> jax.Array:

@@ -10,7 +10,8 @@ The reference passes an additive attention "mask" of ones (a constant +1 on ever
 softmax ignores), so no mask is applied here.
 
 Names mirror the reference checkpoint: `transformer.{i}` -> `transformer_{i}`,
-`positional_emb.weight` -> `positional_emb/embedding`.
+`positional_emb.weight` -> `positional_emb/embedding` (scanned layout, `TextConfig.scan_layers`:
+one `transformer` subtree with leaves [L, ...], models/layout.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contextblip_jax.models.bert import BertLayer
+from contextblip_jax.models.bert import bert_layers, run_layers
 from contextblip_jax.models.variants import TextConfig
 
 
@@ -31,9 +32,8 @@ class ContextEncoder(nn.Module):
 
   def setup(self):
     c = self.config
-    self.transformer = [BertLayer(c, has_cross_attention=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, init="torch")
-                        for _ in range(c.num_layers)]
+    self.transformer = bert_layers(c, c.num_layers, False, "torch", self.dtype,
+                                   self.param_dtype)
     self.positional_emb = nn.Embed(
         self.num_positions, c.hidden_size,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
@@ -41,7 +41,7 @@ class ContextEncoder(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, feat: jax.Array, pos_mask: jax.Array, deterministic: bool = True):
-    """feat [G, K, D]; pos_mask [G] or [G, K] (1 = add positions) -> [G, K, D]."""
+    """feat [G, K, D]; pos_mask [G] or [G, K] (1 = add positions) -> [G, K, D] float32."""
     g, k, _ = feat.shape
     if k > self.num_positions:
       raise ValueError(f"{k} candidates exceed the {self.num_positions} context positions")
@@ -49,6 +49,5 @@ class ContextEncoder(nn.Module):
     if pos_mask.ndim == 1:
       pos_mask = jnp.broadcast_to(pos_mask[:, None], (g, k))
     x = feat.astype(self.dtype) + self.positional_emb(jnp.arange(k))[None] * pos_mask[..., None]
-    for layer in self.transformer:
-      x, _ = layer(x, deterministic=deterministic)
-    return x + feat.astype(self.dtype)
+    x, _ = run_layers(self.transformer, x, deterministic=deterministic)
+    return x.astype(jnp.float32) + feat.astype(jnp.float32)   # residual in float32

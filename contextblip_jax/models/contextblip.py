@@ -20,6 +20,10 @@ Entry points for `model.apply(..., method=ContextBlip.X)`:
   reconstruct                              TMIM decoder prediction of the masked patches
   encode_candidates / candidate_states     IMAGECODE: vision once per set, text tiled K times
   candidate_scores                         evaluation scores [G, K] of a head (SCORE_HEADS)
+  candidate_cross_kv / cached_candidate_scores  the same scores [G, D, K] for D descriptions
+                                           per set, the image-side cross-attention keys/values
+                                           computed once per set (evaluation, scoring command)
+  head_scores                              [ENC] states [G, K, Dt] -> scores of a head
   match_probability                        ITM softmax[:, 1] of [ENC] states (zero-shot)
   stage1_logits / stage2_logits            fine-tuning heads [G, K]
 Methods take `deterministic` explicitly and return their intermediates (ViT taps,
@@ -35,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contextblip_jax.models import layers
+from contextblip_jax.models import layers, layout
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.bert import TextOutput
 from contextblip_jax.models.blip import Blip, l2_normalize
@@ -99,6 +103,18 @@ class ContextBlipConfig:
   def replace(self, **kw) -> "ContextBlipConfig":
     return dataclasses.replace(self, **kw)
 
+  @property
+  def scan_layers(self) -> bool:
+    """The parameter layout of every block stack (ViT, text, decoder, context encoder): the
+    `scan_layers` of `blip` (models/layout.py); the TMIM decoder and context encoder follow
+    the text encoder's `scan_layers` and `remat`."""
+    return self.blip.scan_layers
+
+  def with_layers(self, scan_layers: bool | None = None, remat: str | None = None
+                  ) -> "ContextBlipConfig":
+    """This config with every stack's `scan_layers` / `remat` set (None keeps)."""
+    return self.replace(blip=self.blip.with_layers(scan_layers, remat))
+
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["adapter_taps"] = list(self.adapter_taps)
@@ -131,6 +147,14 @@ class ContextBlipConfig:
                 context_heads=4, decoder_layers=2)
     kw.update(overrides)
     return cls(blip=blip, **kw)
+
+
+def _check_head(head: str, is_video) -> None:
+  """Raises ValueError for an unknown score head or 'stage2' without is_video."""
+  if head not in ContextBlip.SCORE_HEADS:
+    raise ValueError(f"unknown head {head!r}; known: {ContextBlip.SCORE_HEADS}")
+  if head == "stage2" and is_video is None:
+    raise ValueError("head='stage2' needs is_video [G]")
 
 
 def scramble_like_reference(patches: jax.Array, patch_size: int) -> jax.Array:
@@ -173,9 +197,10 @@ class ContextBlip(nn.Module):
           "mask_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)),
           (v.width,), self.param_dtype)
     # --- fine-tuning ---
-    self.prediction_layer = layers.Dense(
+    self.prediction_layer = layers.Dense(     # logits: float32 whatever `dtype` is
         1, axes=("embed", None), kernel_init=layers.torch_linear_init(),
-        bias_init=layers.torch_bias_init(t.hidden_size), **kw)
+        bias_init=layers.torch_bias_init(t.hidden_size), dtype=jnp.float32,
+        param_dtype=self.param_dtype)
     self.context_encoder = ContextEncoder(c.context_config, c.num_candidates, **kw)
 
   # ------------------------------------------------------------------ vision
@@ -287,17 +312,65 @@ class ContextBlip(nn.Module):
         [ENC] states; 'stage1' / 'stage2' the fine-tuned logits of the L2-normalised states.
       is_video: [G] bool, 'stage2' only (the context encoder's positions).
     """
-    if head not in self.SCORE_HEADS:
-      raise ValueError(f"unknown head {head!r}; known: {self.SCORE_HEADS}")
-    if head == "stage2" and is_video is None:
-      raise ValueError("head='stage2' needs is_video [G]")
+    _check_head(head, is_video)
     states = self.candidate_states(embeds, input_ids, attention_mask)   # [G, K, Dt]
+    return self.head_scores(states, head, is_video)
+
+  def head_scores(self, states: jax.Array, head: str = "zero_shot",
+                  is_video: jax.Array | None = None) -> jax.Array:
+    """[ENC] states [G, K, Dt] of G description rows -> scores [G, K] of `head` (see
+    `candidate_scores`; is_video [G] for 'stage2')."""
+    _check_head(head, is_video)
     if head == "zero_shot":
       return self.match_probability(states)
     feat = l2_normalize(states)
     if head == "stage1":
       return self.stage1_logits(feat)
     return self.stage2_logits(feat, is_video)
+
+  def candidate_cross_kv(self, embeds: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """embeds [G, K, N, D] -> the image-side cross-attention (keys, values) of every text
+    layer, each [G * K, N, H, Dh] (row g * K + k = candidate k of set g).
+
+    They depend on the image only: computed once per set, they serve all its descriptions
+    (`cached_candidate_scores`); per description only the text pass remains."""
+    g, k = embeds.shape[:2]
+    return self.pretrained_blip.image_cross_kv(embeds.reshape((g * k,) + embeds.shape[2:]))
+
+  def cached_candidate_states(self, cross_kv, input_ids, attention_mask) -> jax.Array:
+    """`candidate_cross_kv` of G sets; input_ids / attention_mask [G, D, T] (D descriptions
+    per set) -> [ENC] states [G, D, K, Dt], equal to `candidate_states` of each description.
+
+    The text rows are laid out image-major (set g, candidate k, description d), so each
+    candidate's keys/values are read once for its D descriptions (`Blip.multimodal_cached`
+    folds the D rows into the query length), never copied per description."""
+    g, d, t = input_ids.shape
+    k = cross_kv[0][0].shape[0] // g
+    rows = lambda x: jnp.broadcast_to(x[:, None], (g, k, d, t)).reshape(g * k * d, t)
+    out = self.pretrained_blip.multimodal_cached(rows(input_ids), rows(attention_mask),
+                                                 cross_kv)
+    states = out.last_hidden_state[:, 0].reshape(g, k, d, -1)
+    return states.transpose(0, 2, 1, 3)
+
+  def cached_candidate_scores(self, cross_kv, input_ids, attention_mask,
+                              head: str = "zero_shot", is_video: jax.Array | None = None
+                              ) -> jax.Array:
+    """Scores [G, D, K] of D descriptions per set from the sets' `candidate_cross_kv`:
+    `candidate_scores` of every (set, description) pair, with the vision features and the
+    image-side keys/values computed once per set (the evaluation loop's and the scoring
+    command's path).
+
+    Args:
+      cross_kv: `candidate_cross_kv(embeds [G, K, N, D])`.
+      input_ids, attention_mask: [G, D, T].
+      head: static, one of SCORE_HEADS; is_video [G] ('stage2' only, one value per set).
+    """
+    _check_head(head, is_video)
+    g, d = input_ids.shape[:2]
+    states = self.cached_candidate_states(cross_kv, input_ids, attention_mask)  # [G,D,K,Dt]
+    flat_video = None if is_video is None else jnp.repeat(is_video, d, axis=0)
+    scores = self.head_scores(states.reshape((g * d,) + states.shape[2:]), head, flat_video)
+    return scores.reshape(g, d, -1)
 
   # ------------------------------------------------------------------ fine-tuning heads
   def stage1_logits(self, feat: jax.Array) -> jax.Array:
@@ -367,10 +440,45 @@ def init_params(model: ContextBlip, rng: jax.Array, stage: str = "all",
   """Boxed (nn.Partitioned) parameter tree of one stage, e.g. under `jax.eval_shape`.
 
   Unused groups are dropped from the full init; under `jit` XLA never computes them.
+  A scanned model gets the unscanned model's initial values, stacked (`layout.to_layout`):
+  the same parameters in both layouts for the same `rng`.
   """
+  if model.config.scan_layers:
+    unscanned = model.clone(config=model.config.with_layers(scan_layers=False))
+    return layout.to_layout(init_params(unscanned, rng, stage, batch_size, text_length), True)
   names = stage_param_names(model.config, stage)
   s = model.config.blip.vision.image_size
   pixels = jnp.zeros((batch_size, s, s, 3), jnp.float32)
   ids = jnp.ones((batch_size, text_length), jnp.int32)
   params = model.init(rng, pixels, ids, ids)["params"]
   return {k: params[k] for k in names if k in params}
+
+
+def make_model(config: ContextBlipConfig, compute_dtype: str = "float32",
+               attention_impl: str = "explicit") -> ContextBlip:
+  """The model a caller runs: `ContextBlip(config, dtype=...)` with the attention kernel set.
+
+  The training stages and the evaluation modes get here through `run/model_config.py:
+  build_model` (config.model.compute_dtype / attention_impl), the scoring command through its
+  --dtype / --attention-impl flags. Neither option is part of the parameters: parameters and
+  optimizer state stay float32 (`param_dtype`), and with 'bfloat16' activations and matmul
+  inputs are bfloat16 while LayerNorm statistics, softmaxes, logits and losses stay float32.
+
+  Args:
+    compute_dtype: 'float32' | 'bfloat16' (models/layers.py COMPUTE_DTYPES).
+    attention_impl: the attention that needs no probabilities (models/layers.py):
+      'explicit' (float32 softmax written out; the project's reference numerics), or
+      `jax.nn.dot_product_attention` with 'xla' (any backend) | 'cudnn' (NVIDIA GPU and
+      bfloat16 only).
+  """
+  dtype = layers.compute_dtype(compute_dtype)
+  layers.check_attention_impl(attention_impl)
+  if attention_impl == "cudnn":
+    if dtype != jnp.bfloat16:
+      raise ValueError("attention_impl 'cudnn' needs compute_dtype 'bfloat16' (cuDNN flash "
+                       "attention has no float32 kernel)")
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention_impl 'cudnn' needs an NVIDIA GPU; the backend is "
+                       f"{jax.default_backend()!r} (use 'xla')")
+  config = config.replace(blip=config.blip.with_attention(attention_impl))
+  return ContextBlip(config, dtype=dtype)

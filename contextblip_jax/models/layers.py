@@ -2,6 +2,19 @@
 
 Every parameter carries logical axis names (see `contextblip_jax/parallel/sharding.py` for the rules that
 map them to mesh axes). LayerNorm statistics and softmax run in float32 whatever `dtype` is.
+
+Precision: every module has `dtype` (compute: activations and matmul inputs, the names of
+COMPUTE_DTYPES) and `param_dtype` (storage, float32). Matmuls take their inputs in `dtype`;
+LayerNorm statistics, attention scores and softmax, the model's logits and every loss are
+float32 whatever `dtype` is.
+
+Attention has two paths with the same math: `attention` (explicit float32 softmax; returns the
+probabilities, applies dropout to them) and `fused_attention` (`jax.nn.dot_product_attention`,
+context only, no dropout). ATTENTION_IMPLS names the choice of the attention that needs no
+probabilities: 'explicit' (`attention`, the default: the numerics every figure of the project
+was measured with), 'xla' (`fused_attention` through XLA, any backend) or 'cudnn' (cuDNN flash
+attention; NVIDIA GPUs with bfloat16 compute). On CPU in float32 'xla' matches 'explicit' to
+rounding (the last bits of a loss differ), not bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +26,27 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
+
+# config name -> compute dtype (`model.compute_dtype`); parameters are always float32.
+COMPUTE_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# `model.attention_impl`: 'explicit' (float32 softmax written out) or a
+# `jax.nn.dot_product_attention(implementation=...)` value.
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
+FUSED_IMPLS = ("xla", "cudnn")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """'float32' | 'bfloat16' -> the jnp dtype (ValueError naming the choices otherwise)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"unknown compute dtype {name!r}; known: {sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
+
+
+def check_attention_impl(name: str) -> str:
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {name!r}; known: {ATTENTION_IMPLS}")
+  return name
+
 
 # BERT / HF `_init_weights`: normal(0.02), zero bias, LayerNorm 1/0.
 bert_init = nn.initializers.normal(stddev=0.02)
@@ -108,6 +142,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
   used = dropout(probs) if dropout is not None else probs
   ctx = jnp.einsum("bhqk,bkhd->bqhd", used.astype(dtype), v.astype(dtype))
   return ctx, probs
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+                    *, implementation: str = "xla", dtype: jnp.dtype = jnp.float32
+                    ) -> jax.Array:
+  """`attention` through `jax.nn.dot_product_attention`: the context only (no probabilities,
+  no dropout). Scores and softmax are float32 inside it for every implementation.
+
+  Args:
+    q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh] (cast to `dtype`).
+    bias: additive mask broadcastable to [B, H, Lq, Lk], as for `attention`.
+    implementation: 'xla' or 'cudnn' (FUSED_IMPLS). cuDNN wants the bias in the compute
+      dtype with its full [.., Lq, Lk] extent; it is broadcast and clipped to the dtype's
+      finite range there (-inf would turn a fully masked row into NaN).
+  Returns:
+    context [B, Lq, H, Dh] in `dtype`.
+  """
+  if implementation not in FUSED_IMPLS:
+    raise ValueError(f"fused_attention implementation must be one of {FUSED_IMPLS}, got "
+                     f"{implementation!r}")
+  q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+    if implementation == "cudnn":
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+      bias = jnp.maximum(bias, float(jnp.finfo(dtype).min)).astype(dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
 def padding_bias(mask: jax.Array, value: float) -> jax.Array:

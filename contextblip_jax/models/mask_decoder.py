@@ -9,7 +9,8 @@
 
 Names mirror the reference checkpoint: `text_adapter.fc.{0,2}` -> `text_adapter/fc_{0,2}` and
 `visual_decoder.encoder.layer.{i}` -> `visual_decoder/encoder/layer_{i}` (the decoder's
-embeddings are deleted in the reference, so there are none here).
+embeddings are deleted in the reference, so there are none here); in the scanned layout
+(`TextConfig.scan_layers`, models/layout.py) one `visual_decoder/encoder/layer` with [L, ...].
 """
 
 from __future__ import annotations

@@ -2,6 +2,15 @@
 
 Every module is configured by these frozen (hashable) dataclasses, so a variant can be passed
 as a static argument to `jax.jit` and stored in a checkpoint directory as JSON.
+
+Besides the sizes, VisionConfig and TextConfig carry how their stack of identical blocks runs
+(models/layout.py): `scan_layers` (the parameter layout: one scanned subtree with a leading
+layer axis, or one subtree per block) and `remat` (a rematerialisation policy name). A BLIP
+uses one layout for the ViT and the text encoder (`BlipConfig.with_layers` sets both); dicts
+saved without these fields read as the unscanned layout without remat. `attention_impl`
+('explicit' | 'xla' | 'cudnn', models/layers.py) chooses the kernel of the attention that needs
+no probabilities; like remat it changes no parameter, and a run sets it from its own config
+(`BlipConfig.with_attention`), whatever a saved dict says.
 """
 
 from __future__ import annotations
@@ -9,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any
+
+from contextblip_jax.models.layers import check_attention_impl
+from contextblip_jax.models.layout import check_remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +33,13 @@ class VisionConfig:
   num_heads: int = 12        # attention heads (head_dim = width // num_heads)
   mlp_dim: int = 3072        # hidden size of the block MLP
   layer_norm_eps: float = 1e-6  # BLIP uses 1e-6 (HF default 1e-5 differs)
+  scan_layers: bool = False  # blocks under one nn.scan, params stacked [depth, ...]
+  remat: str = "none"        # per-block remat policy (models/layout.py REMAT_POLICIES)
+  attention_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn' (layers.ATTENTION_IMPLS)
+
+  def __post_init__(self):
+    check_remat(self.remat)
+    check_attention_impl(self.attention_impl)
 
   @property
   def grid(self) -> int:
@@ -45,6 +64,13 @@ class TextConfig:
   attention_dropout: float = 0.1  # dropout on attention probabilities
   encoder_width: int = 768   # width of the image tokens cross-attended to
   add_cross_attention: bool = True  # a cross-attention sublayer in every layer
+  scan_layers: bool = False  # layers under one nn.scan, params stacked [num_layers, ...]
+  remat: str = "none"        # per-layer remat policy (models/layout.py REMAT_POLICIES)
+  attention_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn' (layers.ATTENTION_IMPLS)
+
+  def __post_init__(self):
+    check_remat(self.remat)
+    check_attention_impl(self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +79,27 @@ class BlipConfig:
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
   embed_dim: int = 256       # ITC projection width
+
+  def __post_init__(self):
+    if self.vision.scan_layers != self.text.scan_layers:
+      raise ValueError("the ViT and the text encoder must use the same layout (scan_layers)")
+
+  @property
+  def scan_layers(self) -> bool:
+    """Whether the blocks are scanned (parameters stacked): the layout of the tree."""
+    return self.vision.scan_layers
+
+  def with_layers(self, scan_layers: bool | None = None, remat: str | None = None
+                  ) -> "BlipConfig":
+    """This config with the ViT's and text encoder's `scan_layers` / `remat` set (None keeps)."""
+    kw = {k: v for k, v in (("scan_layers", scan_layers), ("remat", remat)) if v is not None}
+    return self.replace(vision=dataclasses.replace(self.vision, **kw),
+                        text=dataclasses.replace(self.text, **kw))
+
+  def with_attention(self, impl: str) -> "BlipConfig":
+    """This config with the ViT's and text encoder's `attention_impl` set (ATTENTION_IMPLS)."""
+    return self.replace(vision=dataclasses.replace(self.vision, attention_impl=impl),
+                        text=dataclasses.replace(self.text, attention_impl=impl))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

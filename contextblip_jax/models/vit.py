@@ -3,6 +3,9 @@
 Pre-norm blocks `x + Attn(LN1(x))`, `x + MLP(LN2(x))`, fused qkv, exact GELU, LayerNorm eps
 1e-6, CLS-inclusive learned position embedding, final LayerNorm over all tokens. Submodule names
 mirror the original checkpoint (`patch_embed`, `cls_token`, `pos_embed`, `blocks_{i}`, `norm`).
+With `VisionConfig.scan_layers` the blocks run under one `nn.scan` and their parameters form
+one subtree `blocks` with leaves [depth, ...] (models/layout.py); `remat` rematerialises each
+block. The taps are the same in both layouts.
 
 The encoder is split into `embed` (pixels -> tokens), `embed_patches` (flattened patch vectors
 at chosen grid positions -> tokens, for the MAE-style visible-only pass of TMIM) and `encode`
@@ -17,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contextblip_jax.models import layers
+from contextblip_jax.models import layers, layout
 from contextblip_jax.models.variants import VisionConfig
 
 
@@ -34,11 +37,15 @@ jax.tree_util.register_dataclass(
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with one fused `qkv` Dense (rows q | k | v, head-major)."""
+  """Multi-head self-attention with one fused `qkv` Dense (rows q | k | v, head-major). `impl`
+  (layers.ATTENTION_IMPLS): 'explicit' float32 softmax (`layers.attention`), or
+  `jax.nn.dot_product_attention` with implementation 'xla' | 'cudnn' (`layers.fused_attention`:
+  no mask, no dropout, float32 softmax inside)."""
   width: int
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  impl: str = "explicit"
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.vit_init)
@@ -48,7 +55,11 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, _ = x.shape                                        # [B, N, D]
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)   # [B, N, 3, H, Dh]
-    ctx, _ = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dtype=self.dtype)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.impl == "explicit":
+      ctx, _ = layers.attention(q, k, v, dtype=self.dtype)
+    else:
+      ctx = layers.fused_attention(q, k, v, implementation=self.impl, dtype=self.dtype)
     return self.proj(ctx.reshape(b, n, self.width))          # [B, N, D]
 
 
@@ -75,7 +86,7 @@ class Block(nn.Module):
   def setup(self):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.norm1 = layers.LayerNorm(c.layer_norm_eps, **kw)
-    self.attn = Attention(c.width, c.num_heads, **kw)
+    self.attn = Attention(c.width, c.num_heads, impl=c.attention_impl, **kw)
     self.norm2 = layers.LayerNorm(c.layer_norm_eps, **kw)
     self.mlp = Mlp(c.width, c.mlp_dim, **kw)
 
@@ -83,6 +94,14 @@ class Block(nn.Module):
     x = x + self.attn(self.norm1(x))
     x = x + self.mlp(self.norm2(x))
     return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class BlockStep(Block):
+  """`Block` as the body of `nn.scan`: (x, return_taps) -> (block(x), block(x) or None)."""
+
+  def __call__(self, x, return_taps: bool):
+    x = super().__call__(x)
+    return x, (x if return_taps else None)
 
 
 class VisionTransformer(nn.Module):
@@ -110,7 +129,11 @@ class VisionTransformer(nn.Module):
     self.pos_embed = self.param(
         "pos_embed", nn.with_logical_partitioning(layers.vit_init, (None, None, "embed")),
         (1, c.num_patches + 1, c.width), self.param_dtype)
-    self.blocks = [Block(c, **kw) for _ in range(c.depth)]
+    if c.scan_layers:     # one `blocks` subtree, leaves [depth, ...] (models/layout.py)
+      self.blocks = layout.scanned(BlockStep, c.depth, policy=c.remat, static_argnums=(2,),
+                                   in_axes=(nn.broadcast,))(c, **kw)
+    else:                 # `blocks_0` .. `blocks_{depth-1}`
+      self.blocks = [layout.remat(Block, c.remat)(c, **kw) for _ in range(c.depth)]
     self.norm = layers.LayerNorm(c.layer_norm_eps, **kw)
 
   def patchify(self, pixels: jax.Array) -> jax.Array:
@@ -146,11 +169,15 @@ class VisionTransformer(nn.Module):
 
   def encode(self, x: jax.Array, return_taps: bool = False) -> VisionOutput:
     """Runs the blocks on tokens [B, N, D]; taps are LN_final of every block output."""
-    taps = []
-    for block in self.blocks:
-      x = block(x)
-      if return_taps:
-        taps.append(self.norm(x))
+    if self.config.scan_layers:
+      x, outs = self.blocks(x, return_taps)                   # outs [depth, B, N, D] or None
+      taps = layout.unstack_outputs(None if outs is None else self.norm(outs))
+    else:
+      taps = []
+      for block in self.blocks:
+        x = block(x)
+        if return_taps:
+          taps.append(self.norm(x))
     out = taps[-1] if return_taps else self.norm(x)
     return VisionOutput(last_hidden_state=out, taps=tuple(taps))
 

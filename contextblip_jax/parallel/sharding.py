@@ -7,7 +7,7 @@ This file is the only place that maps them onto the mesh axes `data`, `fsdp`, `t
   batch  -> ('data', 'fsdp')   data parallel over both axes (FSDP shards the batch too)
   embed  -> 'fsdp'             parameters sharded along their model width (ZeRO-3 style)
   heads, mlp, vocab -> 'tensor'  Megatron-style tensor parallel dimensions
-  length, norm, None -> replicated
+  length, norm, layers, None -> replicated  (layers: the stacked axis of scanned blocks)
 
 A rule assigns a mesh axis only once per array (flax's priority resolution): an activation
 `(batch, length, embed)` gets `(('data','fsdp'), None, None)` because `fsdp` is taken by batch.
@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("length", None),
     ("norm", None),
+    ("layers", None),     # leading axis of scanned block parameters (models/layout.py)
 )
 
 _log = logging.getLogger(__name__)

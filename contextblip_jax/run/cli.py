@@ -6,6 +6,16 @@
 stage, run/train.py), evaluate | predict (run/evaluate.py), demo (the whole method on the
 embedded synthetic default, run/demo.py). A rerun in the same workdir resumes from the latest checkpoint, or reuses a
 finished stage.
+
+Exit statuses (README, "Safety and errors"):
+  0   finished (or a finished stage reused)
+  1   an error: a diverged run (non-finite loss), checkpoints that cannot be restored, or an
+      unexpected failure (with its traceback)
+  2   a user error: a bad config (every bad key named), bad data, a bad path, a workdir
+      refused or in use; one line `error: ...`, the traceback only with --verbose or
+      CONTEXTBLIP_VERBOSE=1
+  75  preempted (SIGTERM): the current step was saved; rerun the same command to resume
+      (EX_TEMPFAIL: schedulers may requeue)
 """
 
 from __future__ import annotations
@@ -18,12 +28,32 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from contextblip_jax.parallel import distributed
+from contextblip_jax.storage import checkpoints
+
+EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error print the full traceback (also "
+                             "CONTEXTBLIP_VERBOSE=1).")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def verbose() -> bool:
+  """--verbose or CONTEXTBLIP_VERBOSE=1 (a non-empty value other than 0)."""
+  flag = _VERBOSE.value if flags.FLAGS.is_parsed() else False
+  return bool(flag) or os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0")
+
+
+def _errors():
+  """(user errors -> status 2, known run errors -> status 1 without a traceback)."""
+  from contextblip_jax.data.preprocess import ImageLoadError  # pylint: disable=g-import-not-at-top
+  from contextblip_jax.run.train import TrainingDivergedError  # pylint: disable=g-import-not-at-top
+  from contextblip_jax.storage.lock import WorkdirBusyError  # pylint: disable=g-import-not-at-top
+  user = (ValueError, OSError, ImageLoadError, WorkdirBusyError)
+  return user, (TrainingDivergedError, checkpoints.CheckpointRestoreError)
 
 
 class _QuietLibraries:
@@ -35,12 +65,28 @@ class _QuietLibraries:
     return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
 
 
+def use_compilation_cache(path: str) -> None:
+  """Persistent XLA compilation cache in `path` ('' = leave it off): every program the run
+  compiles is written there, and a later run of the same programs (same JAX version, devices,
+  shapes and options) loads them instead of compiling. On by default: `config.compilation_cache`
+  defaults to a per-user directory (configs/common.py `default_compilation_cache`)."""
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.expanduser(path))
+  previous = jax.config.jax_compilation_cache_dir
+  if previous != path:
+    cc.set_cache_dir(path)
+    if previous:               # a cache opened earlier in this process reads the new directory
+      cc.reset_cache()
+  # Every executable, however quick to compile: a second evaluation then compiles nothing.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns the mode's summary dict."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if config.get("compilation_cache"):
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  use_compilation_cache(config.get("compilation_cache", ""))
   os.makedirs(workdir, exist_ok=True)
   mode = config.mode
   if mode == "demo":
@@ -61,9 +107,22 @@ def main(argv):
   handler = logging.get_absl_handler()
   handler.python_handler.stream = sys.stderr
   handler.addFilter(_QuietLibraries())
-  summary = run(_CONFIG.value, _WORKDIR.value)
+  checkpoints.silence_shutdown_noise()
+  user, known = _errors()
+  try:
+    from contextblip_jax.run import validate_config  # pylint: disable=g-import-not-at-top
+    validate_config.validate(_CONFIG.value)
+    summary = run(_CONFIG.value, _WORKDIR.value)
+  except user + known as e:
+    if verbose():
+      raise
+    print(f"error: {e}\n(the traceback: rerun with --verbose or CONTEXTBLIP_VERBOSE=1)",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR if isinstance(e, known) else EXIT_USAGE)
   if distributed.is_main_process():
     logging.info("summary: %s", json.dumps(summary, default=str)[:2000])
+  if summary.get("preempted"):
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,17 @@ Layout of the workdir:
   predict/eval/            stage-2 predictions + leaderboard JSON for the unlabelled test file
   report.md, report.json   the table of accuracies against chance, timings, figures
 
-A rerun reuses the data and every finished stage (DONE.json) and resumes an interrupted one.
+A rerun reuses the data and every finished stage (DONE.json) and resumes an interrupted one,
+but only what was built from the same inputs: each stage records in <stage>/built_from.json a
+fingerprint of the data (sha256 of the generated annotation files, pair list and metadata,
+with the sizes and seed), its own config (paths left out) and the previous stage's
+fingerprint; a stage (or predict/) whose record differs is built again, with a message. The
+workdir is locked for the run (storage/lock.py) and refused when it is not a demo workdir.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,9 +29,15 @@ import ml_collections
 from contextblip_jax.data import synthetic
 from contextblip_jax.evaluation import accuracy
 from contextblip_jax.run import evaluate, train
+from contextblip_jax.storage import lock
 from contextblip_jax.storage import workdir as wd
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
+# What the demo's workdir holds besides a workdir's own entries (storage/workdir.py).
+ENTRIES = ("data", *STAGES, "predict", "report.md", "report.json")
+# Stage config fields that are locations, not inputs: left out of the fingerprints.
+_PATH_FIELDS = (("data", "imagecode_dir"), ("data", "pairs_json"), ("init_workdir",),
+                ("compilation_cache",), ("train", "restart"))
 ROWS = (("pretrain", "zero-shot (ITM, after ContextBLIP pre-training)"),
         ("finetune1", "fine-tuned, stage 1 (per-candidate head)"),
         ("finetune2", "fine-tuned, stage 2 (inter-context encoder)"))
@@ -49,25 +61,70 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _sha(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_fingerprint(data_dir: str, seed: int, sizes: dict[str, Any]) -> str:
+  """sha256 of the generated data: its annotation files, pair list and metadata (every .json /
+  .yaml at the top of `data_dir`), with the sizes and the seed."""
+  h = hashlib.sha256(json.dumps({"seed": seed, "sizes": sizes}, sort_keys=True).encode())
+  for name in sorted(os.listdir(data_dir)):
+    if name.endswith((".json", ".yaml")):
+      h.update(name.encode())
+      with open(os.path.join(data_dir, name), "rb") as f:
+        h.update(hashlib.file_digest(f, "sha256").digest())
+  return h.hexdigest()
+
+
+def stage_fingerprint(c: ml_collections.ConfigDict, data_fp: str, previous: str) -> dict:
+  """The built_from.json record of a stage: {stage, fingerprint, data, previous, config}."""
+  conf = c.to_dict()
+  for path in _PATH_FIELDS:
+    node = conf
+    for k in path[:-1]:
+      node = node.get(k, {})
+    node.pop(path[-1], None)
+  config_fp = _sha(conf)
+  return {"stage": c.mode, "data": data_fp, "previous": previous, "config": config_fp,
+          "fingerprint": _sha([data_fp, previous, config_fp])}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes / reuses) every stage; writes report.md; returns the summary."""
-  t0 = time.time()
   workdir = os.path.abspath(workdir)
+  wd.check_workdir(workdir, "demo", ENTRIES)
+  with lock.hold_workdir(workdir):
+    wd.write_config(workdir, cfg)
+    return _run(cfg, workdir)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  t0 = time.time()
   data_dir = os.path.join(workdir, "data")
   sizes = dict(cfg.synthetic)
   summary: dict[str, Any] = {"data": synthetic.ensure(data_dir, cfg.data_seed, **sizes)}
+  data_fp = data_fingerprint(data_dir, cfg.data_seed, sizes)
   splits = summary["data"]["splits"]
   _say(f"[demo] data: {splits['train']['descriptions']} train / "
        f"{splits['valid']['descriptions']} valid / {splits['test']['descriptions']} test "
        f"descriptions, {summary['data']['pairs']} pre-training pairs in {data_dir}")
   times = {"data": time.time() - t0}
   summary["reused"] = []
+  previous = ""
   for name in STAGES:
     t = time.time()
     stage_dir = os.path.join(workdir, name)
-    was_done = wd.read_done(stage_dir) is not None
-    _say(f"[demo] stage {name} ..." + (" (finished earlier: reused)" if was_done else ""))
-    out = train.train_and_evaluate(_stage_config(cfg, name, data_dir, workdir), stage_dir)
+    c = _stage_config(cfg, name, data_dir, workdir)
+    record = stage_fingerprint(c, data_fp, previous)
+    previous = record["fingerprint"]
+    same = wd.read_built_from(stage_dir) == record
+    was_done = same and wd.read_done(stage_dir) is not None
+    stale = not same and os.path.isdir(stage_dir) and bool(os.listdir(stage_dir))
+    _say(f"[demo] stage {name} ..." + (" (finished earlier: reused)" if was_done else "")
+         + (" (built earlier from other data or another config: built again)" if stale
+            else ""))
+    out = train.train_and_evaluate(c, stage_dir, built_from=record)
     if out.get("preempted"):
       _say(f"[demo] stopped during {name} (SIGTERM); rerun the same command to resume")
       return {**summary, "preempted": name}
@@ -79,7 +136,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       _say(_one_line(name, out["valid"]))
   if cfg.predict_test:
     t = time.time()
-    summary["predict"] = _predict(cfg, data_dir, workdir)
+    summary["predict"] = _predict(cfg, data_dir, workdir, previous)
     times["predict"] = time.time() - t
   times["total"] = sum(times.values())
   summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
@@ -96,16 +153,22 @@ def _one_line(name: str, report: dict[str, Any]) -> str:
           f"{100 * accuracy.CHANCE:.0f}%{extra}")
 
 
-def _predict(cfg, data_dir: str, workdir: str) -> dict[str, Any]:
+def _predict(cfg, data_dir: str, workdir: str, finetune2_fp: str) -> dict[str, Any]:
+  """Stage-2 predictions on the test file; the leaderboard is reused only when built from the
+  same finetune2 stage (predict/built_from.json)."""
   c = _stage_config(cfg, "finetune2", data_dir, workdir)
   c.mode, c.eval.split, c.eval.head = "predict", "test", "stage2"
   c.eval.checkpoint = os.path.join(workdir, "finetune2")
   c.eval.visualize = 0
   out_dir = os.path.join(workdir, "predict")
+  record = {"stage": "predict", "previous": finetune2_fp, "fingerprint": _sha(finetune2_fp)}
   board = os.path.join(out_dir, "eval", "stage2_test.leaderboard.json")
-  if os.path.isfile(board):
+  if os.path.isfile(board) and wd.read_built_from(out_dir) == record:
     return {"files": {"leaderboard": board}, "reused": True}
+  if os.path.isfile(board):
+    _say("[demo] predict: the leaderboard was built from another finetune2 stage: built again")
   report = evaluate.run(c, out_dir)
+  wd.write_built_from(out_dir, record)
   return {"files": report["files"], "unlabelled": report.get("unlabelled")}
 
 

@@ -16,9 +16,8 @@ import ml_collections
 
 from contextblip_jax.data import imagecode
 from contextblip_jax.evaluation import loop, scoring
-from contextblip_jax.models.contextblip import ContextBlip
 from contextblip_jax.parallel import sharding as shd
-from contextblip_jax.run.model_config import model_config
+from contextblip_jax.run.model_config import build_model
 from contextblip_jax.storage import param_dir
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.storage.metric_writers import MetricWriter
@@ -29,7 +28,7 @@ def load_eval_params(cfg: ml_collections.ConfigDict, workdir: str):
   """(model, params on the mesh, mesh, shardings) from config.eval.checkpoint or workdir."""
   path = cfg.eval.checkpoint or workdir
   source = param_dir.load_param_dir(path)
-  model = ContextBlip(model_config(cfg, source))
+  model = build_model(cfg, source)
   mesh = shd.mesh_from_config(cfg)
   params = scoring.head_params(source.params, model, cfg.eval.head)
   shardings = scoring.param_shardings_for(model, params, mesh, cfg.sharding_rules)

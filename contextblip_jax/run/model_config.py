@@ -1,5 +1,15 @@
 """The model configuration of a run: `ContextBlipConfig` from `config.model`, with what the
-parameters a run starts from fix (BLIP sizes, the vision adapter) taken from their directory."""
+parameters a run starts from fix (BLIP sizes, the vision adapter) taken from their directory.
+
+The layer layout and remat (`config.model.scan_layers`, `config.model.remat`) are the run's
+own: a source whose parameters are in the other layout is converted on load (in place, by
+`models/layout.py: to_layout`).
+
+`build_model(cfg, source)` is how every mode builds the model it runs (training stages and
+their valid evaluations, evaluate / predict): the config above, plus the run's compute
+precision and attention kernel (`config.model.compute_dtype`, `config.model.attention_impl`),
+which are no part of the parameters and never come from a source (`models/contextblip.py:
+make_model`, which the scoring command calls too)."""
 
 from __future__ import annotations
 
@@ -9,11 +19,22 @@ from typing import Any
 
 import ml_collections
 
-from contextblip_jax.models.contextblip import ContextBlipConfig
+from contextblip_jax.models import layout
+from contextblip_jax.models.contextblip import ContextBlip, ContextBlipConfig, make_model
 from contextblip_jax.storage.param_dir import ParamDir
 
 # Fields of ContextBlipConfig that a source's vision adapter fixes (taken from the source).
 ADAPTER_FIELDS = ("use_adapter", "adapter_taps", "adapter_reduction")
+
+
+def build_model(cfg: ml_collections.ConfigDict, source: ParamDir | None = None
+                ) -> ContextBlip:
+  """The run's model: `model_config(cfg, source)` in `config.model.compute_dtype`
+  ('float32' | 'bfloat16') with attention `config.model.attention_impl` ('explicit' | 'xla' |
+  'cudnn')."""
+  m = cfg.model
+  return make_model(model_config(cfg, source), str(m.get("compute_dtype", "float32")),
+                    str(m.get("attention_impl", "explicit")))
 
 
 def model_config(cfg: ml_collections.ConfigDict, source: ParamDir | None = None
@@ -45,7 +66,20 @@ def model_config(cfg: ml_collections.ConfigDict, source: ParamDir | None = None
       logging.warning("model.image_size %d differs from the source's %d; using the source's",
                       m.image_size, arch["blip"].vision.image_size)
     out = out.replace(**arch)
+  out = out.with_layers(bool(m.get("scan_layers", False)), str(m.get("remat", "none")))
+  if source is not None:
+    to_run_layout(source, out.scan_layers)
   return out
+
+
+def to_run_layout(source: ParamDir, scan_layers: bool) -> None:
+  """Brings `source.params` (and `source.model`) into the layout `scan_layers`, in place."""
+  if source.model.scan_layers == scan_layers and layout.is_scanned(source.params) == scan_layers:
+    return
+  logging.info("%s: converting the parameters to the %s layout", source.path,
+               "scanned" if scan_layers else "unscanned")
+  source.params = layout.to_layout(source.params, scan_layers)
+  source.model = source.model.with_layers(scan_layers=scan_layers)
 
 
 def _resize(c: ContextBlipConfig, m: ml_collections.ConfigDict) -> ContextBlipConfig:

@@ -15,6 +15,13 @@ checkpoints; SIGTERM -> save, wait, return; fine-tuning: valid accuracy every
 `eval_every_epochs` (best exported when `select_best`). At the end: <workdir>/export (the
 stage's parameters for the next stage), a final evaluation, then DONE.json. A rerun of a
 finished workdir returns the recorded summary without training again.
+
+Safety (README, "Safety and errors"): the config is validated first (run/validate_config.py);
+the workdir is checked (never a parameter directory, an export or a foreign directory) and
+locked for the run; a previous run's files without a checkpoint stop the run unless
+train.restart=True moves them aside; a corrupt newest checkpoint falls back to the newest
+intact step; a non-finite loss or gradient norm raises TrainingDivergedError naming the step
+(checked on the devices every step, read before every save, best-epoch export and the end).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -38,8 +46,9 @@ from contextblip_jax.evaluation import scoring
 from contextblip_jax.models.contextblip import ContextBlip, init_params
 from contextblip_jax.parallel import compilation, distributed
 from contextblip_jax.parallel import sharding as shd
-from contextblip_jax.run.model_config import model_config
-from contextblip_jax.storage import checkpoints, param_dir
+from contextblip_jax.run import validate_config
+from contextblip_jax.run.model_config import build_model
+from contextblip_jax.storage import checkpoints, lock, param_dir
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.storage.metric_writers import MetricWriter, Progress
 from contextblip_jax.training import masking, objectives, optim, steps
@@ -84,6 +93,11 @@ def train_pipeline(cfg: ml_collections.ConfigDict, stage: str, image_size: int,
     counts["skipped_pairs"] = data.num_skipped
     return pipeline.pretrain_pipeline(data, min_scale=d.min_scale, **common)
   split = imagecode.load_split(cfg, "train")
+  if not split.examples:
+    raise imagecode.ImagecodeDataError(
+        f"{split.source}: no description to train on (all {split.num_skipped_descriptions} "
+        f"were skipped: {split.skipped[0].entry!r}: {split.skipped[0].reason}, ...)"
+        if split.skipped else f"{split.source}: no description to train on")
   counts["skipped_descriptions"] = split.num_skipped_descriptions
   return pipeline.imagecode_train_pipeline(split, **common)
 
@@ -105,9 +119,9 @@ def _make_model(cfg, stage) -> tuple[ContextBlip, dict[str, Any] | None, str]:
     if stage in ("finetune1", "finetune2"):
       raise ValueError(f"mode {stage!r} needs config.init_workdir (previous stage) or "
                        "config.init_checkpoint (converted BLIP)")
-    return ContextBlip(model_config(cfg)), None, ""
+    return build_model(cfg), None, ""
   source = param_dir.load_param_dir(init_path)
-  model = ContextBlip(model_config(cfg, source))
+  model = build_model(cfg, source)
   return model, params_to_take(stage, source), source.path
 
 
@@ -158,18 +172,62 @@ def params_to_take(stage: str, source: param_dir.ParamDir) -> dict[str, Any]:
 # ------------------------------------------------------------------ main loop
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-  """Runs (or resumes, or reuses) one training stage in `workdir`; returns its summary."""
+                       hooks: Sequence[Hook] = (),
+                       built_from: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs (or resumes, or reuses) one training stage in `workdir`; returns its summary.
+
+  Before any work: the whole config is validated (`validate_config`), the workdir is checked
+  (`workdir.check_workdir`: never a parameter directory, an export or a foreign directory)
+  and locked for the run (`lock.hold_workdir`, released on return, on an exception and after
+  SIGTERM). A previous run's files are resumed from, or refused, or moved aside by
+  train.restart. `built_from` (the demo's fingerprints) is recorded in built_from.json; a
+  workdir whose record differs was built from something else and starts over (its files
+  moved to restarted.<time>/).
+  """
   stage = cfg.mode
   if stage not in TRAIN_STAGES:
     raise ValueError(f"train_and_evaluate: mode {stage!r} is not a training stage "
                      f"{TRAIN_STAGES}")
+  validate_config.validate(cfg)
+  workdir = os.path.abspath(workdir)
+  wd.check_workdir(workdir, stage)
+  with lock.hold_workdir(workdir):
+    return _train_stage(cfg, workdir, stage, hooks, built_from)
+
+
+def _restart_requested(cfg, workdir: str) -> bool:
+  """train.restart, unless the previous run here was started by this very config with
+  restart=True (a requeued restarted run resumes instead of starting over again)."""
+  if not cfg.train.restart:
+    return False
+  path = os.path.join(workdir, wd.CONFIG)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == cfg.to_json_best_effort(indent=1, sort_keys=True):
+        distributed.log_main("%s: train.restart=True, but the run in this workdir was started "
+                             "by this same config with restart=True: resuming it", workdir)
+        return False
+  return True
+
+
+def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
+                 hooks: Sequence[Hook], built_from: dict[str, Any] | None) -> dict[str, Any]:
+  """The stage in a checked, locked workdir."""
+  stale = built_from is not None and wd.read_built_from(workdir) != built_from
+  if stale and wd.move_previous_run(workdir):
+    distributed.log_main("%s: built from other data or another config than this run's; "
+                         "starting the stage over", workdir)
+  elif _restart_requested(cfg, workdir):
+    wd.move_previous_run(workdir)
+  if built_from is not None:
+    wd.write_built_from(workdir, built_from)
   done = wd.read_done(workdir)
   if done is not None:
-    distributed.log_main("%s: stage %s already finished; reusing it (remove DONE.json to "
-                         "train again)", workdir, stage)
+    distributed.log_main("%s: stage %s already finished; reusing it (rerun with "
+                         "--config.train.restart=True to train again)", workdir, stage)
     return done
   wd.write_config(workdir, cfg)
+  previous = wd.previous_run(workdir)     # before the Checkpointer removes temporary steps
   t_start = time.time()
   model, given, source = _make_model(cfg, stage)
   mesh = shd.mesh_from_config(cfg)
@@ -187,11 +245,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   data_iter = iter(data)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, wd.CKPT),
                                     save_every=cfg.train.save_every,
-                                    max_to_keep=cfg.train.keep_checkpoints)
+                                    max_to_keep=cfg.train.keep_checkpoints,
+                                    corrupt_dir=os.path.join(workdir, wd.CKPT_CORRUPT))
   meta: dict[str, Any] = {"best_acc": -1.0, "best_step": -1}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract, data_iter)
+  if ckpt.all_steps():
+    state, meta, _ = ckpt.restore_intact(abstract, data_iter)
     distributed.log_main("resumed %s from step %d", stage, int(state.step))
+  elif previous:
+    ckpt.close()
+    raise wd.WorkdirError(
+        f"{workdir}: a previous run left {'; '.join(previous)} but no checkpoint to resume "
+        f"from (killed before its first save, or the checkpoints were removed). Not starting "
+        f"from scratch over it: rerun with --config.train.restart=True (moves those files to "
+        f"{workdir}/restarted.<time>/) or use a new --workdir")
   else:
     state, _ = steps.init_train_state(init_fn, jax.random.PRNGKey(cfg.seed), tx=opt.tx,
                                       freeze_rules=freeze, mesh=mesh, rules=rules, params=given,
@@ -221,12 +287,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   eval_every = cfg.train.eval_every_epochs * spe if cfg.train.eval_every_epochs else 0
   logged: list[dict] = []
   preempted = False
+  finite = _FiniteCheck(mesh, stage, ckpt)
   try:
     with checkpoints.SigtermGuard() as guard:
       for step in range(start, total):
         batch = distributed.global_batch(next(data_iter), batch_sh)
         state, metrics = step_fn(state, batch)
         done_steps = step + 1
+        finite.track(done_steps, metrics)
         if hooks or done_steps % cfg.train.log_every == 0 or done_steps == total:
           host = jax.tree.map(float, jax.device_get(metrics))
           logged.append(host)
@@ -237,13 +305,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             progress.update(done_steps - progress.count, loss=host["loss"])
             logged = []
         if eval_every and done_steps % eval_every == 0 and done_steps < total:
+          finite.check()
           meta = _maybe_best(run, state, done_steps, meta)
-        ckpt.save(done_steps, state, data_iter, meta=meta)
+        if ckpt.should_save(done_steps):
+          finite.check()                  # a diverged state is never saved
+          ckpt.save(done_steps, state, data_iter, meta=meta)
         # all processes stop at the same step, whichever of them got the signal
         if distributed.any_process(guard.requested):
           preempted = True
+          finite.check()
           ckpt.save(done_steps, state, data_iter, meta=meta, force=True)
           break
+    finite.check()                        # before the export and DONE.json
   finally:
     ckpt.close()
   if preempted:
@@ -258,11 +331,51 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
+class TrainingDivergedError(RuntimeError):
+  """A non-finite loss or gradient norm; the message names the step and the last good
+  checkpoint."""
+
+
+class _FiniteCheck:
+  """Remembers, on the devices, the first step whose loss or gradient norm is not finite
+  (no host sync per step); `check` (before every save, export and best-epoch evaluation)
+  raises TrainingDivergedError naming it."""
+
+  def __init__(self, mesh, stage: str, ckpt: checkpoints.Checkpointer):
+    rep = shd.replicated(mesh)
+    self.stage, self.ckpt = stage, ckpt
+    self.first = jax.device_put(np.full((3,), -1.0, np.float32), rep)   # step, loss, gnorm
+
+    def track(first, step, loss, gnorm):
+      bad = (first[0] < 0) & ~(jnp.isfinite(loss) & jnp.isfinite(gnorm))
+      now = jnp.stack([step, loss, gnorm]).astype(jnp.float32)
+      return jnp.where(bad, now, first)
+    self._track = jax.jit(track, out_shardings=rep)
+
+  def track(self, step: int, metrics: dict) -> None:
+    self.first = self._track(self.first, np.float32(step), metrics["loss"],
+                             metrics["grad_norm"])
+
+  def check(self) -> None:
+    step, loss, gnorm = (float(x) for x in np.asarray(jax.device_get(self.first)))
+    if step < 0:
+      return
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    good = (f"the last good checkpoint is {os.path.join(self.ckpt.directory, str(last))}"
+            if last is not None else "no checkpoint was saved yet")
+    raise TrainingDivergedError(
+        f"{self.stage}: non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} at "
+        f"step {int(step)} (loss={loss}, grad_norm={gnorm}): training stopped; {good}; no "
+        f"export/ or DONE.json was written. Lower the learning rate (config.optim) or check "
+        f"the data, then rerun to resume from that checkpoint")
+
+
 def _init_tree(rng, *, model, tree, kernel_scale: float = 1.0):
   """Boxed parameters of `tree`; with `kernel_scale` != 1 the 2-D kernels of the ViT and the
-  text encoder are multiplied by it (BERT's N(0, 0.02) suits width 768: at width 64 the
-  [CLS]/[ENC] output barely depends on the other tokens and a from-scratch model does not
-  learn ITM in a few hundred steps)."""
+  text encoder (stacked [L, in, out] under scanned layers) are multiplied by it (BERT's
+  N(0, 0.02) suits width 768: at width 64 the [CLS]/[ENC] output barely depends on the other
+  tokens and a from-scratch model does not learn ITM in a few hundred steps)."""
   params = init_params(model, rng, tree)
   if kernel_scale == 1.0:
     return params
@@ -270,7 +383,9 @@ def _init_tree(rng, *, model, tree, kernel_scale: float = 1.0):
   def scale(path, leaf):
     names = [str(getattr(k, "key", k)) for k in path]
     value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-    hit = (names[:1] == ["pretrained_blip"] and names[-1] == "kernel" and value.ndim == 2
+    stacked = isinstance(leaf, nn.Partitioned) and tuple(leaf.names[:1]) == ("layers",)
+    hit = (names[:1] == ["pretrained_blip"] and names[-1] == "kernel"
+           and value.ndim == 2 + stacked
            and any(n in ("text_encoder", "visual_encoder") for n in names))
     if not hit:
       return leaf

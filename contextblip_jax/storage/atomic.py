@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -26,16 +26,46 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
   try:
     yield tmp
     os.chmod(tmp, 0o755)                      # mkdtemp creates 0o700
-    if os.path.exists(out_dir):
+    if os.path.lexists(out_dir):
       trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       os.rename(out_dir, os.path.join(trash, "old"))
-      os.rename(tmp, out_dir)
+      try:
+        os.rename(tmp, out_dir)
+      except BaseException:
+        os.rename(os.path.join(trash, "old"), out_dir)   # put the old one back
+        os.rmdir(trash)
+        raise
       shutil.rmtree(trash, ignore_errors=True)
     else:
       os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def check_replaceable(out_dir: str, sources: Sequence[str], ours: Callable[[str], bool],
+                      what: str) -> None:
+  """Raises FileExistsError unless `out_dir` may be replaced by an `overwrite` write.
+
+  Allowed: a missing or empty `out_dir`, or a directory `ours(out_dir)` recognises (this project's
+  marker) that neither is nor holds any of `sources` (compared after resolving symlinks).
+  Refused, naming the directory: one that is or holds a source, a file, and any directory
+  without the marker (`what` says which marker was expected).
+  """
+  out = os.path.realpath(out_dir)
+  for src in sources:
+    s = os.path.realpath(src)
+    if s == out or s.startswith(out.rstrip(os.sep) + os.sep):
+      raise FileExistsError(f"refusing to replace {out_dir}: it {'is' if s == out else 'holds'} "
+                            f"the source {src}; choose another output directory")
+  if not os.path.lexists(out_dir):
+    return
+  if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    raise FileExistsError(f"refusing to replace {out_dir}: not a directory this project wrote")
+  if os.listdir(out_dir) and not ours(out_dir):
+    raise FileExistsError(f"refusing to replace {out_dir}: it is not {what} (no marker file "
+                          f"found), so overwrite could destroy files it did not write; remove "
+                          f"it yourself or choose another output directory")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,16 @@ ignored, and removed when the next manager opens the directory).
 Restores go straight into the target shardings: pass an abstract state (a pytree of
 `jax.ShapeDtypeStruct` with `.sharding`, e.g. from `abstract_like`).
 
+A step that cannot be read back (a truncated array file, a missing item directory, garbage
+metadata, an empty step directory: disk faults or files edited by hand) is never silently
+used: `restore_intact` tries the steps newest first, warns naming each one that fails (its
+path and the error), and resumes from the newest one that restores. Falling back is safe
+because a step and its data-iterator position reproduce the run exactly from there (the cost
+is recomputing the steps after it); the unreadable newer steps are moved to `corrupt_dir`
+(kept for inspection, and out of the way of the steps the resumed run saves again). When no
+step restores, nothing is moved and `CheckpointRestoreError` names the newest step's path
+(e.g. the config changed so the checkpoints no longer fit the state).
+
 `SigtermGuard` turns SIGTERM (a preemption notice) into a flag the training loop polls; the
 loop then saves, waits for the save to finish and exits cleanly.
 """
@@ -23,7 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 import grain.checkpoint as grain_ckpt
@@ -31,6 +43,10 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint step could be restored; the message names the step directories."""
 
 
 def abstract_like(tree: Any) -> Any:
@@ -52,8 +68,11 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, save_every: int = 1, max_to_keep: int | None = 2,
-               async_save: bool = True):
+               async_save: bool = True, corrupt_dir: str | None = None):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 (or None: all), got {max_to_keep}")
     self.directory = os.path.abspath(directory)
+    self.corrupt_dir = os.path.abspath(corrupt_dir or self.directory + "_corrupt")
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -116,6 +135,51 @@ class Checkpointer:
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return out[STATE], dict(out[META] or {})
 
+  def restore_intact(self, abstract_state: Any, data_iter: Any = None
+                     ) -> tuple[Any, dict[str, Any], int]:
+    """(state, meta, step) of the newest step that restores (see the module doc).
+
+    Raises CheckpointRestoreError (naming the paths) when there are steps but none restores.
+    """
+    bad: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
+      try:
+        state, meta = self.restore(abstract_state, data_iter, step)
+      except Exception as e:  # noqa: BLE001 - reported with the path, then the next step
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        logging.warning("checkpoint %s cannot be restored (%s); trying the step before it",
+                        path, reason)
+        bad.append((step, reason))
+        continue
+      if bad:
+        self._move_aside([b for b, _ in bad])
+        logging.warning("checkpoint: resumed from step %d, the newest intact one; unreadable "
+                        "newer steps moved to %s: %s", step, self.corrupt_dir,
+                        ", ".join(f"{s} ({r})" for s, r in bad))
+      return state, meta, step
+    if not bad:
+      raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+    newest, reason = bad[0]
+    raise CheckpointRestoreError(
+        f"no checkpoint in {self.directory} can be restored; the newest, "
+        f"{os.path.join(self.directory, str(newest))}, fails with {reason}"
+        + (f" ({len(bad) - 1} older steps fail too)" if len(bad) > 1 else "")
+        + ". If the config changed since they were written, they do not fit the new state: "
+        "start over with --config.train.restart=True (moves them aside) or a new --workdir")
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves step directories to corrupt_dir (process 0) and re-reads the step list."""
+    if jax.process_index() == 0:
+      os.makedirs(self.corrupt_dir, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(self.corrupt_dir, f"{step}.{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside:{self.directory}")
+    self._mngr.reload()
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._mngr.wait_until_finished()
@@ -129,6 +193,28 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def silence_shutdown_noise() -> None:
+  """Drops the 'Event loop is closed' errors Orbax's asynchronous machinery leaves at
+  interpreter exit (its asyncio loop is closed from a background thread; the messages mean
+  nothing to a user): a filter on the logging records and on `sys.unraisablehook`. Called by
+  the command entry points; once per process."""
+  if getattr(silence_shutdown_noise, "done", False):
+    return
+  silence_shutdown_noise.done = True
+
+  class _Drop(logging.Filter):
+    def filter(self, record) -> bool:
+      return "Event loop is closed" not in record.getMessage()
+  logging.getLogger("asyncio").addFilter(_Drop())
+  logging.getLogger().addFilter(_Drop())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if "Event loop is closed" not in str(unraisable.exc_value):
+      previous(unraisable)
+  sys.unraisablehook = hook
 
 
 class SigtermGuard:

@@ -60,7 +60,7 @@ class MetricWriter:
       if f is None:
         record[name] = value
         continue
-      record[name] = f
+      record[name] = f if math.isfinite(f) else str(f)   # 'nan' / 'inf': strict JSON
       if self._tb is not None and math.isfinite(f):
         tag = f"{self.stage}/{name}" if self.stage else name
         self._tb.add_scalar(tag, f, int(step))

@@ -180,7 +180,7 @@ def load_param_dir(path: str) -> ParamDir:
   for name in (PARAMS, MODEL, VOCAB):
     if not os.path.exists(os.path.join(d, name)):
       raise FileNotFoundError(f"{d}: parameter directory without {name}")
-  model = ContextBlipConfig.from_dict(_read_json(os.path.join(d, MODEL)))
+  model = _model_from(os.path.join(d, MODEL))
   params = _restore(os.path.join(d, PARAMS))
   if model.use_adapter != (ADAPTER in params):
     raise ValueError(f"{d}: {MODEL} says use_adapter={model.use_adapter} but params/ "
@@ -193,6 +193,16 @@ def read_provenance(path: str) -> dict[str, Any] | None:
   None for a directory in a legacy layout."""
   d, kind = _locate(path)
   return _read_json(os.path.join(d, PROVENANCE)) if kind == "params" else None
+
+
+def is_parameter_directory(path: str) -> bool:
+  """True when `path` itself is a parameter directory (this format or a legacy converter
+  directory): provenance.json, params/ + model.json, or a legacy config.json."""
+  if not os.path.isdir(path):
+    return False
+  names = set(os.listdir(path))
+  return (PROVENANCE in names or {PARAMS, MODEL} <= names
+          or _legacy_converted_format(path) is not None)
 
 
 def describe(provenance: dict[str, Any]) -> str:
@@ -230,6 +240,15 @@ def _read_json(path: str) -> dict[str, Any]:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _model_from(path: str) -> ContextBlipConfig:
+  """ContextBlipConfig of a model.json; a file that is not one raises ValueError naming it."""
+  try:
+    return ContextBlipConfig.from_dict(_read_json(path))
+  except (TypeError, KeyError, AttributeError, ValueError) as e:
+    raise ValueError(f"{path}: not a valid model description ({type(e).__name__}: {e})"
+                     ) from e
 
 
 def _restore(params_dir: str) -> dict[str, Any]:
