@@ -13,7 +13,7 @@ authors' code does, scores one description at a time against its ten images (eve
 recomputed per description), timed the same way.
 
 Inputs: the first --sets IMAGECODE valid sets (the real descriptions of
-$IMAGECODE_VALID, default ../shared/imagecode/valid_data.json) in a temporary IMAGECODE layout
+$IMAGECODE_VALID, default data/imagecode/valid_data.json in the checkout) in a temporary IMAGECODE layout
 with generated 224-px JPEG images, and a random-weight BLIP-base (the zero-shot benchmark's)
 converted by `python -m weight_convert` into a parameter directory. Both sides read the same
 image files through the project's loader and the same token ids, so the scores must agree:
@@ -69,6 +69,9 @@ def make_data(out: str, n_sets: int, image_size: int = 224, seed: int = 0) -> in
   image-sets/<set>/img0..9.jpg (smooth random images, 224 px). Returns the descriptions."""
   import numpy as np
   from PIL import Image
+  if not os.path.isfile(IMAGECODE_VALID):
+    raise SystemExit(f"IMAGECODE valid annotations not found at {IMAGECODE_VALID}: put "
+                     "valid_data.json there or set $IMAGECODE_VALID to it")
   with open(IMAGECODE_VALID) as f:
     data = json.load(f)
   names = list(data)[:n_sets] if n_sets else list(data)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,30 +48,10 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def matmul_gflops(dtype, n: int = 2048, reps: int = 3) -> float:
-  """Best-of-`reps` rate of an n^3 jnp.dot in `dtype` (GFLOP/s)."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(jnp.dot)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best / 1e9
-
-
 def machine_line() -> str:
-  model = "unknown CPU"
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((l.split(":", 1)[1].strip() for l in out.splitlines()
-                  if l.startswith("Model name")), model)
-  except OSError:
-    pass
-  return (f"machine: {model}, {len(os.sched_getaffinity(0))} cores; jnp.dot 2048^3 "
-          f"float32 {matmul_gflops(jnp.float32):.0f} GFLOP/s, bfloat16 "
-          f"{matmul_gflops(jnp.bfloat16):.0f} GFLOP/s; jax {jax.__version__}, "
+  return (f"machine: {common.cpu_model()}, {common.cpu_cores()} cores; jnp.dot 2048^3 "
+          f"float32 {common.jax_matmul_gflops(2048):.0f} GFLOP/s, bfloat16 "
+          f"{common.jax_matmul_gflops(2048, dtype='bfloat16'):.0f} GFLOP/s; jax {jax.__version__}, "
           f"backend {jax.default_backend()}; load average {common.load_average()}")
 
 

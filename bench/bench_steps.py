@@ -74,18 +74,8 @@ def parse_args(argv=None):
 
 def matmul_peak(n: int = 4096, reps: int = 5) -> float:
   """Best float32 FLOP/s of an n x n x n jnp.dot (2 n^3 FLOPs) over `reps` runs."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  from bench import common
+  return common.jax_matmul_gflops(n, reps) * 1e9
 
 
 # --------------------------------------------------------------------------------------------

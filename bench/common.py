@@ -114,12 +114,12 @@ def torch_matmul_gflops(n: int = 4096, platform: str = "cpu", repeats: int = 3) 
   return 2 * n**3 / _best_seconds(run, repeats) / 1e9
 
 
-def jax_matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
-  """float32 n^3 jitted `jnp.dot` rate on the default device (best of `repeats`)."""
+def jax_matmul_gflops(n: int = 4096, repeats: int = 3, dtype: str = "float32") -> float:
+  """n^3 jitted `jnp.dot` rate in `dtype` on the default device (best of `repeats`)."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   dot = jax.jit(jnp.dot)
   return 2 * n**3 / _best_seconds(lambda: dot(a, b).block_until_ready(), repeats) / 1e9
 

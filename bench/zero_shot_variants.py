@@ -18,9 +18,11 @@ import numpy as np
 
 from bench import common
 
+# The IMAGECODE valid annotations, where README "Reproducing the paper on real data" puts them
+# (data/imagecode/ in the checkout); $IMAGECODE_VALID names another file.
 IMAGECODE_VALID = os.environ.get("IMAGECODE_VALID", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "shared", "imagecode", "valid_data.json"))
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "data", "imagecode", "valid_data.json"))
 BENCH2_PATTERN = (1, 2, 2, 3, 3)    # descriptions per set: mean 2.2 (valid: 2.22)
 TITLES = {1: "ten-candidate groups, one description per set",
           2: "several descriptions per set (1,2,2,3,3), reuse of image work"}

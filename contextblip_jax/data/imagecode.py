@@ -1,6 +1,6 @@
 """IMAGECODE reader (SPEC §8): annotation JSON (+ phenomenon tags) + image tree -> examples.
 
-Inputs (the real benchmark's formats, shared/imagecode/README.md):
+Inputs (the real benchmark's formats):
   train/valid JSON  {set_name: {"<gold 0-9>": description, ...}}
   test JSON         {set_name: [description, ...]}                     (no labels)
   tags YAML         {set_name: {"<gold>": {description, annotation, visualization_id}}}

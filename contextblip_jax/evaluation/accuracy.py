@@ -15,7 +15,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 CHANCE = 0.1   # 1 of 10 candidates
-TAG_NAMES = {  # IMAGECODE phenomenon tags (shared/imagecode/README.md)
+TAG_NAMES = {  # IMAGECODE phenomenon tags (manual_annotation_valid.yaml)
     "con": "context", "t": "temporal", "q": "quantities", "s": "spatial", "neg": "negation",
     "v": "visibility/occlusion", "n": "nuances", "cor": "co-reference", "img": "meta",
     "col": "colour",
