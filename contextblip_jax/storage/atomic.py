@@ -6,7 +6,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import IO, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -83,3 +85,11 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def json_default(x: Any) -> Any:
+  """`json.dump(..., default=json_default)` of the files a run writes: NumPy values as lists
+  or numbers, anything else as its str."""
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return str(x)

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 
 from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
-from contextblip_jax.storage.atomic import atomic_directory
+from contextblip_jax.storage.atomic import atomic_directory, json_default
 
 FORMAT = "contextblip_jax.params/2"
 PARAMS, MODEL, VOCAB, PROVENANCE = "params", "model.json", "vocab.txt", "provenance.json"
@@ -150,13 +150,7 @@ def _broadcast_path(path: str) -> str:
 
 def _write_json(path: str, obj: Any) -> None:
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-
-
-def _jsonable(x):
-  if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
-  return str(x)
+    json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
 
 
 # ------------------------------------------------------------------ read

@@ -35,10 +35,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from contextblip_jax.storage import param_dir
-from contextblip_jax.storage.atomic import atomic_file
+from contextblip_jax.storage.atomic import atomic_file, json_default
 from contextblip_jax.models.contextblip import ContextBlipConfig
 
 CKPT, DONE, EVAL = "ckpt", "DONE.json", "eval"
@@ -167,7 +166,7 @@ def write_built_from(workdir: str, record: dict[str, Any]) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   with atomic_file(os.path.join(workdir, BUILT_FROM)) as f:
-    json.dump(record, f, indent=1, sort_keys=True, default=_json_default)
+    json.dump(record, f, indent=1, sort_keys=True, default=json_default)
 
 # ------------------------------------------------------------------ export / done markers
 
@@ -199,13 +198,7 @@ def write_done(workdir: str, summary: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   with atomic_file(os.path.join(workdir, DONE)) as f:
-    json.dump(summary, f, indent=1, sort_keys=True, default=_json_default)
-
-
-def _json_default(x):
-  if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
-  return str(x)
+    json.dump(summary, f, indent=1, sort_keys=True, default=json_default)
 
 
 def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
@@ -213,7 +206,7 @@ def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, CONFIG)
   text = cfg.to_json_best_effort(indent=1, sort_keys=True)
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
