@@ -77,8 +77,7 @@ def make_score_fn(config: ContextBlipConfig, compute_dtype: str = "float32",
 
   params = {"pretrained_blip": ..., ["vision_adapter": ...]}. Each text is scored against the
   N images (SPEC §10 item 22). Outputs: itm_logits [D, N, 2], itm_prob [D, N], itc_sim [D, N]
-  (float32
-  whatever `compute_dtype` is; the model from `make_model`, as every mode builds it).
+  (float32 whatever `compute_dtype` is; the model from `make_model`, as every mode builds it).
   Cached, so every Scorer of the same architecture in a process shares one compilation.
   """
   model = make_model(config, compute_dtype, attention_impl)
