@@ -13,13 +13,12 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
-IMAGECODE_DIR = os.path.join(SHARED_DIR, "imagecode")
+IMAGECODE_DIR = os.path.join(REPO_ROOT, "data", "imagecode")
 
 
 @pytest.fixture(scope="session")
 def imagecode_dir():
-  """The real IMAGECODE annotation files (../shared/imagecode), required by some tests."""
+  """The real IMAGECODE annotation files shipped in data/imagecode/, required by some tests."""
   if not os.path.isdir(IMAGECODE_DIR):
     raise FileNotFoundError(f"IMAGECODE annotations expected at {IMAGECODE_DIR}")
   return IMAGECODE_DIR
