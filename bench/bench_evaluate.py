@@ -43,11 +43,14 @@ from bench.zero_shot_variants import IMAGECODE_VALID  # noqa: E402  (imports no 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sets", type=int, default=30, help="first N valid sets (0 = all)")
-  p.add_argument("--sets_per_batch", type=int, default=8, help="config.eval.sets_per_batch")
+  p.add_argument("--sets_per_batch", type=int, default=0,
+                 help="config.eval.sets_per_batch (0: the product's default, one set per device)")
   p.add_argument("--platform", default="", choices=("", "cpu", "gpu"),
                  help="'' = gpu when nvidia-smi sees one, else cpu")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype: model.compute_dtype, torch autocast")
+  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
+                 help="float32 matmul precision of both (GPU only; 'tf32' = TensorFloat-32)")
   p.add_argument("--matmul_size", type=int, default=4096,
                  help="n of the n^3 float32 matmul of the machine line")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_blip_base"),
@@ -149,6 +152,7 @@ def torch_worker(args) -> int:
   from contextblip_jax.data import imagecode
   from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
   device = common.torch_device(args.platform)
+  common.apply_torch_precision()
   model = BlipForImageTextRetrieval.from_pretrained(args.workdir).eval().to(device)
   split = imagecode.read_imagecode_dir(args.data, "valid")
   tok = BlipTokenizer()
@@ -192,13 +196,15 @@ def max_diff(a: dict, b: dict) -> float:
 def main(argv=None) -> int:
   args = parse_args(argv)
   args.platform = args.platform or common.default_platform()
+  common.set_precision(args.precision, args.dtype)    # inherited by both timed processes
   env = {**os.environ, "JAX_PLATFORMS": "cpu" if args.platform == "cpu" else "cuda",
          "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)          # the product as a user runs it: its own devices
   if args.worker:
     return torch_worker(args)
   os.environ["JAX_PLATFORMS"] = env["JAX_PLATFORMS"]
-  print(f"# bench_evaluate  platform {args.platform}  dtype {args.dtype}  sets {args.sets or 'all'}")
+  print(f"# bench_evaluate  platform {args.platform}  dtype {args.dtype}  precision "
+        f"{args.precision}  sets {args.sets or 'all'}")
   machine = common.measure_machine(args.platform, args.matmul_size)
   os.makedirs(args.workdir, exist_ok=True)
   hf_dir, params = make_param_dir(args.workdir)

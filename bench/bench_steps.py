@@ -62,6 +62,10 @@ def parse_args(argv=None):
   p.add_argument("--runs", type=int, default=3,
                  help="timed steps (median) after one warm-up; 0 = compile only")
   p.add_argument("--scan", action="store_true", help="scanned layers (model.scan_layers)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (model.compute_dtype; parameters stay float32)")
+  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
+                 help="float32 matmul precision (GPU only; 'tf32' = TensorFloat-32)")
   p.add_argument("--remat", default="none", help="per-block remat policy (model.remat)")
   p.add_argument("--devices", type=int, default=1,
                  help="forced host devices; the batch is sharded over all of them (data axis)")
@@ -72,10 +76,10 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def matmul_peak(n: int = 4096, reps: int = 5) -> float:
-  """Best float32 FLOP/s of an n x n x n jnp.dot (2 n^3 FLOPs) over `reps` runs."""
+def matmul_peak(n: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
+  """Best FLOP/s of an n x n x n jnp.dot in `dtype` (2 n^3 FLOPs) over `reps` runs."""
   from bench import common
-  return common.jax_matmul_gflops(n, reps) * 1e9
+  return common.jax_matmul_gflops(n, reps, dtype) * 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,11 +161,11 @@ def run_eval_worker(args) -> dict:
   import jax.numpy as jnp
   import flax.linen as nn
   from contextblip_jax.evaluation import scoring
-  from contextblip_jax.models.contextblip import ContextBlip, init_params
+  from contextblip_jax.models.contextblip import init_params, make_model
   from contextblip_jax.parallel import compilation
   from contextblip_jax.parallel import sharding as shd
   cfg = _model_config(args)
-  model = ContextBlip(cfg)
+  model = make_model(cfg, args.dtype)
   mesh = shd.make_mesh({"data": -1})
   head = "zero_shot"
   boxed = jax.eval_shape(lambda r: init_params(model, r, "zero_shot"), jax.random.PRNGKey(0))
@@ -191,12 +195,12 @@ def run_worker(name: str, args) -> dict:
   from contextblip_jax.parallel import compilation
   from contextblip_jax.parallel import sharding as shd
   from bench import common
-  from contextblip_jax.models.contextblip import ContextBlip, init_params
+  from contextblip_jax.models.contextblip import init_params, make_model
   if name == "evaluate":
     return run_eval_worker(args)
   objective, stage, rules, opt_kind, reduction = STEPS[name]
   cfg = _model_config(args)
-  model = ContextBlip(cfg)
+  model = make_model(cfg, args.dtype)
   mesh = shd.make_mesh({"data": -1})
   opt = optim.make_optimizer(optim.default_config(opt_kind), steps_per_epoch=1000)
   batch = _batches(name, args, cfg)
@@ -248,7 +252,7 @@ def run_worker(name: str, args) -> dict:
 def _child(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
   for key in ("variant", "image_size", "batch", "groups", "text_length", "runs", "devices",
-              "remat"):
+              "remat", "dtype", "precision"):
     cmd += [f"--{key}", str(getattr(args, key))]
   if args.no_flops_variants:
     cmd.append("--no_flops_variants")
@@ -261,11 +265,13 @@ def _child(name: str, args) -> dict:
   raise RuntimeError(f"worker {name} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
 
 
-def _print(rows, peak, load_before, load_after):
+def _print(rows, peak, load_before, load_after, dtype="float32"):
   from bench import common
   gib = 2.0**30
-  print(f"machine: {common.cpu_model()}, {common.cpu_cores()} cores")
-  print(f"\nfloat32 matmul peak (4096^3 jnp.dot, best of 5): {peak / 1e9:.0f} GFLOP/s; "
+  gpu = common.gpu_name()
+  print(f"machine: {common.cpu_model()}, {common.cpu_cores()} cores" + (f", GPU {gpu}" if gpu else ""))
+  prec = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION", "default")
+  print(f"\n{dtype} ({prec}) matmul peak (4096^3 jnp.dot, best of 5): {peak / 1e9:.0f} GFLOP/s; "
         f"load average before {load_before}, after {load_after}")
   head = ("step", "scan", "remat", "examples", "trainable", "compile s", "step s",
           "GFLOP/step", "GFLOP/s", "of peak", "arg GiB", "out GiB", "temp GiB", "peak RSS GiB")
@@ -302,21 +308,23 @@ def main(argv=None):
     flags += f" --xla_force_host_platform_device_count={args.devices}"
   os.environ["XLA_FLAGS"] = flags.strip()
   sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
+  from bench import common
+  common.set_precision(args.precision, args.dtype)
   if args.worker:
     row = run_worker(args.worker, args)
     print("ROW " + json.dumps(row), flush=True)
     return
   from bench import common
   load_before = common.load_average()
-  peak = matmul_peak()
+  peak = matmul_peak(dtype=args.dtype)
   rows = []
   for name in args.steps.split(","):
     if name not in STEPS and name != "evaluate":
       raise SystemExit(f"unknown step {name!r}; known: {sorted(STEPS) + ['evaluate']}")
     print(f"running {name} ...", flush=True)
     rows.append(_child(name, args))
-  peak = max(peak, matmul_peak())          # measured again after the steps: keep the best
-  _print(rows, peak, load_before, common.load_average())
+  peak = max(peak, matmul_peak(dtype=args.dtype))          # measured again after the steps: keep the best
+  _print(rows, peak, load_before, common.load_average(), args.dtype)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"matmul_peak_flops": peak, "rows": rows}, f, indent=2)

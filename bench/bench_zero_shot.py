@@ -57,6 +57,11 @@ def parse_args(argv=None):
                  help="'' = gpu when nvidia-smi sees one, else cpu")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype: JAX model.compute_dtype, torch autocast")
+  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
+                 help="float32 matmul precision of both frameworks (GPU only: 'tf32' = "
+                      "TensorFloat-32 tensor cores in both)")
+  p.add_argument("--attention_impl", default="explicit", choices=("explicit", "xla", "cudnn"),
+                 help="model.attention_impl of the JAX variants ('cudnn': GPU, bfloat16)")
   p.add_argument("--variants", default="",
                  help="comma list to run, or 'all' (default: all four); see --list")
   p.add_argument("--list", action="store_true", help="list the variants and exit")
@@ -87,6 +92,7 @@ def setup_env(args):
   else:
     os.environ["JAX_PLATFORMS"] = "cuda"
   os.environ["XLA_FLAGS"] = f"{flags} {args.xla_flags}".strip()
+  common.set_precision(args.precision, args.dtype)
 
 
 def main(argv=None):
@@ -102,10 +108,11 @@ def main(argv=None):
   if args.worker:
     return worker(args, benches[0])
   os.makedirs(args.workdir, exist_ok=True)
-  print(f"# bench_zero_shot  platform {args.platform}  dtype {args.dtype}  "
-        f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+  print(f"# bench_zero_shot  platform {args.platform}  dtype {args.dtype}  precision "
+        f"{args.precision}  attention {args.attention_impl}  XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
   machine = common.measure_machine(args.platform, args.matmul_size)
-  ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=print, groups=args.groups)
+  ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=print, groups=args.groups,
+                          attention_impl=args.attention_impl)
   rows = []
   for b in benches:
     names = zv.select(b, args.variants)
@@ -119,6 +126,7 @@ def main(argv=None):
             __file__, ["--worker", n, "--bench", str(b), "--devices", str(args.devices),
                        "--groups", str(args.groups), "--workdir", args.workdir,
                        "--platform", args.platform, "--dtype", args.dtype,
+                       "--precision", args.precision, "--attention_impl", args.attention_impl,
                        "--xla_flags", args.xla_flags])
         print(f"  memory {n:<34s} peak {memory[n]['peak_rss_mib']:7.0f} MiB "
               f"(after weights {memory[n]['rss_loaded_mib']:7.0f} MiB)")
@@ -153,7 +161,8 @@ def worker(args, bench):
   """Prepares and runs one variant once in this fresh process; prints JSON with its memory."""
   from bench import common, zero_shot_variants as zv
   ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=lambda *_: None,
-                          need=zv.needs(args.worker), groups=args.groups)
+                          need=zv.needs(args.worker), groups=args.groups,
+                          attention_impl=args.attention_impl)
   kind, opts = zv.VARIANTS[bench][args.worker]
   if kind == "torch":      # touch every weight page (transformers maps the file lazily)
     sum(float(p.sum()) for p in ctx.torch_model().parameters())

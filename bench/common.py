@@ -103,6 +103,7 @@ def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
 def torch_matmul_gflops(n: int = 4096, platform: str = "cpu", repeats: int = 3) -> float:
   """float32 n^3 `torch.matmul` rate (best of `repeats`), on the CPU or the CUDA GPU."""
   import torch
+  apply_torch_precision()
   dev = torch_device(platform)
   a = torch.randn(n, n, device=dev)
   b = torch.randn(n, n, device=dev)
@@ -145,7 +146,8 @@ class Machine:
 
   def line(self) -> str:
     gpu = f"  GPU {self.gpu}" if self.gpu else ""
-    return (f"# machine: {self.cpu}, {self.cores} cores{gpu}; float32 {self.matmul_n}^3 matmul "
+    prec = os.environ.get("JAX_DEFAULT_MATMUL_PRECISION", "default")
+    return (f"# machine: {self.cpu}, {self.cores} cores{gpu}; float32 ({prec}) {self.matmul_n}^3 matmul "
             f"torch {self.torch_gflops:.0f} GFLOP/s, jax {self.jax_gflops:.0f} GFLOP/s; "
             f"load {load_average()}; peak RSS {peak_rss_mb():.0f} MiB")
 
@@ -171,6 +173,35 @@ def torch_autocast(platform: str, dtype: str):
     return contextlib.nullcontext()
   import torch
   return torch.autocast(torch_device(platform), dtype=getattr(torch, dtype))
+
+
+PRECISIONS = ("highest", "tf32")
+
+
+def set_precision(precision: str, dtype: str = "float32") -> None:
+  """float32 matmul precision of both frameworks for this process and its workers (call before
+  jax is imported). 'highest': true float32 products in both (JAX
+  `jax_default_matmul_precision=highest`; torch with TF32 off for cuBLAS and cuDNN);
+  'tf32': TensorFloat-32 tensor cores in both (JAX 'tensorfloat32'; torch TF32 on). It matters
+  on GPUs only: XLA:CPU and PyTorch's CPU kernels compute float32 products in float32 either
+  way. A bfloat16 run keeps each framework's default (its products are bfloat16 already)."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if dtype != "float32":
+    return
+  os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = (
+      "highest" if precision == "highest" else "tensorfloat32")
+  os.environ["CONTEXTBLIP_BENCH_TF32"] = "1" if precision == "tf32" else "0"
+
+
+def apply_torch_precision() -> None:
+  """torch's TF32 switches as `set_precision` chose (inherited by worker processes)."""
+  flag = os.environ.get("CONTEXTBLIP_BENCH_TF32")
+  if flag is None:
+    return
+  import torch
+  torch.backends.cuda.matmul.allow_tf32 = flag == "1"
+  torch.backends.cudnn.allow_tf32 = flag == "1"
 
 
 def default_platform() -> str:
@@ -220,6 +251,7 @@ def build_reference_dir(path: str, image_size: int = 224, seed: int = 0) -> str:
 def load_reference(path: str):
   """The PyTorch reference in eval mode (float32, CPU)."""
   from transformers import BlipForImageTextRetrieval
+  apply_torch_precision()
   return BlipForImageTextRetrieval.from_pretrained(path).eval()
 
 

@@ -104,12 +104,14 @@ class Context:
   dtype: str                          # 'float32' | 'bfloat16' (JAX compute dtype, torch autocast)
   bench1: list[common.ZeroShotSet]
   bench2: list[common.ZeroShotSet]
+  attention_impl: str = "explicit"    # model.attention_impl of the JAX variants
   _device_params: dict = dataclasses.field(default_factory=dict)
   _torch: Any = None
 
   @classmethod
   def create(cls, workdir: str, platform: str = "cpu", dtype: str = "float32", log=print,
-             need=frozenset({"torch", "jax"}), groups: int = 2):
+             need=frozenset({"torch", "jax"}), groups: int = 2,
+             attention_impl: str = "explicit"):
     hf_dir = os.path.join(workdir, "hf_blip_base_224")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
       log(f"  building the random-weight reference in {hf_dir}")
@@ -118,7 +120,7 @@ class Context:
     if "jax" in need:
       params, config = _converted(workdir, hf_dir, log)
     return cls(hf_dir, params, config, platform, dtype, make_workload((1,) * groups, seed=1),
-               make_workload(BENCH2_PATTERN, seed=2))
+               make_workload(BENCH2_PATTERN, seed=2), attention_impl)
 
   def torch_model(self):
     if self._torch is None:
@@ -129,7 +131,7 @@ class Context:
     """The product's model for zero-shot BLIP (no adapter), as `make_model` builds it."""
     from contextblip_jax.models.contextblip import ContextBlipConfig, make_model
     return make_model(ContextBlipConfig(blip=self.config, use_adapter=False, use_tmim=False),
-                      self.dtype)
+                      self.dtype, self.attention_impl)
 
   def device_params(self, n_dev: int):
     """({"pretrained_blip": params} on the mesh of the first n_dev devices, shardings)."""

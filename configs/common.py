@@ -116,6 +116,11 @@ def data_config() -> ml_collections.ConfigDict:
                                  # flip, '2' scale (0.5, 1), '3' M=10, 'none' resize only
   d.min_scale = 0.2              # RandomResizedCrop lower scale in pre-training
   d.max_length = 30              # text length T
+  d.drop_remainder = True        # an epoch's last, partial training batch: True = dropped
+                                 # (floor(N / B) steps; BLIP's drop_last pre-training loaders,
+                                 # the only choice for backbone / pretrain, whose losses pair
+                                 # rows) | False = kept, padded and masked (ceil(N / B) steps;
+                                 # the reference fine-tuning loader: finetune1/2's default)
   d.cache_images = False         # decode every image once into memory (small datasets only)
   d.num_threads = 2              # Grain reader threads
   d.worker_count = 0             # Grain worker processes (0 on 2-core machines)
@@ -136,6 +141,10 @@ def train_config() -> ml_collections.ConfigDict:
                                  # or stop saying what was found
   t.eval_every_epochs = 0        # fine-tuning: valid accuracy every this many epochs (0 = end)
   t.select_best = False          # export the best-valid parameters instead of the last
+  t.validate_last_epoch = False  # select_best candidates: False = the reference's (SPEC
+                                 # §6.2: validation after epochs 0..E-2; the last parameters
+                                 # are evaluated and reported, never selected) | True = the
+                                 # last parameters are a candidate too
   t.compile_report = True        # AOT-compile the step first and log memory / FLOPs
   return t
 
@@ -144,7 +153,9 @@ def eval_config(head: str = "zero_shot") -> ml_collections.ConfigDict:
   e = ml_collections.ConfigDict()
   e.head = head                  # 'zero_shot' (ITM) | 'stage1' | 'stage2' scores
   e.split = "valid"              # 'valid' (labelled) | 'test' (leaderboard) | 'train'
-  e.sets_per_batch = 8           # image sets per evaluation batch (10 images each)
+  e.sets_per_batch = 0           # image sets per evaluation batch (10 images each); 0 = one
+                                 # per device of the batch axes (evaluation/loop.py): the
+                                 # least memory at full use of the devices
   e.checkpoint = ""              # parameters to evaluate: a stage workdir or converted dir
                                  # ('' = this workdir's own export)
   e.max_sets = 0                 # evaluate only the first N sets (0 = all)
@@ -174,15 +185,23 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.mode = mode                  # backbone | pretrain | finetune1 | finetune2 | evaluate |
                                  # predict | demo
   c.seed = 42                    # every random key derives from this
+  c.platform = "auto"            # 'auto' (what JAX finds) | 'cpu' | 'gpu' | 'tpu': a run that
+                                 # asks for an accelerator stops (exit 2) when JAX fell back
+                                 # to the CPU (parallel/accelerator.py; README "Install on
+                                 # GPU / TPU")
   c.init_checkpoint = ""         # converted BLIP directory (python -m weight_convert --out DIR)
   c.init_workdir = ""            # previous stage's workdir (its export/ parameters)
   c.model = model_config()
   c.data = data_config()
+  c.data.drop_remainder = mode not in ("finetune1", "finetune2")   # fine-tuning keeps it
   c.train = train_config()
   c.optim = optim.default_config("pretrain")  # optimizer (contextblip_jax/training/optim.py)
   c.objective = objective_config()
   c.eval = eval_config()
   c.freeze = [(".*", "train")]   # (regex over parameter paths, 'train' | 'freeze'), first wins
+  c.freeze_unreached = True      # also freeze trainable leaves no loss reaches (stage 1:
+                                 # itm_head, vision_proj, text_proj): torch leaves their grad
+                                 # None and Adam skips them; False lets weight decay move them
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # device mesh
   # Several TPU slices: the mesh across slices (config.mesh is then the mesh inside one).
   c.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})

@@ -4,6 +4,8 @@ BLIP is frozen; the multi-scale adapter and the TMIM modules train (SPEC §3.9).
 converted `model_base.pth` (`--config.init_checkpoint=DIR`) or a backbone workdir
 (`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (no TMIM, ITM only; SPEC §10
 item 13), ':steps=N'.
+Each epoch drops its last partial batch, as BLIP's `drop_last` loaders do
+(`data.drop_remainder` must stay True here: the losses pair the rows of a batch).
 """
 
 from configs import common
@@ -12,6 +14,9 @@ from configs import common
 def get_config(arg=None):
   a = common.parse_arg(arg, tiny=False, nomim=False, steps=0)
   c = common.base_config("pretrain")
+  c.model.scan_layers = True     # one compiled ViT / BERT block body: B/16 steps compile 3-7x
+                                 # faster at the same step time (bench/README.md); parameters
+                                 # in the other layout are converted on load
   c.optim = common.optim.default_config("pretrain")   # AdamW 3e-4, wd 0.05, 0.9**epoch
   c.train.batch_size = 1024      # 256 per GPU x 4 GPUs
   c.train.num_epochs = 20        # the reference saves every epoch

@@ -15,7 +15,6 @@ def _count(tree):
 
 
 def _abstract_params(config):
-  t = config.text
   return jax.eval_shape(lambda: nn.unbox(Blip(config).init(
       jax.random.key(0), jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3)),
       jnp.ones((1, 30), jnp.int32), jnp.ones((1, 30), jnp.int32)))["params"])

@@ -76,7 +76,6 @@ def test_cached_itm_equals_uncached(model_and_params, per_image, with_image_mask
 
 def test_cached_rows_must_group_over_images(model_and_params):
   model, params, config = model_and_params
-  s = config.vision.image_size
   n, w = config.vision.num_patches + 1, config.vision.width
   kv = jax.eval_shape(lambda p, e: model.apply(p, e, method=Blip.image_cross_kv),
                       params, jax.ShapeDtypeStruct((2, n, w), jnp.float32))

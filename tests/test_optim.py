@@ -1,6 +1,5 @@
 """Optimizers and schedules (SPEC §6.2-6.3, §7.1, §10 items 17-18) against hand computations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -57,8 +57,7 @@ def test_converter_and_stage_export_write_one_layout_read_by_one_function(dirs):
   assert conv.provenance["writer"] == "weight_convert"
   assert conv.provenance["source"] == {"path": dirs["src"], "format": "contextblip",
                                        "sha256": {"cb.pth": digest}}
-  assert conv.provenance["summary"]["ignored_groups"] == {"contextblip_tmim": 6,
-                                                          "position_ids": 1}
+  assert conv.provenance["summary"]["ignored_groups"] == {"position_ids": 1}
   assert conv.model.use_adapter and conv.model.adapter_taps == (1, 2, 3, 4)
   assert conv.model.adapter_reduction == 2 and conv.model.blip.vision.width == 32
   assert set(conv.params) == {"pretrained_blip", "vision_adapter"}

@@ -10,6 +10,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -132,3 +133,39 @@ def test_mesh_from_config():
   cfg.mesh_dcn.data = 2       # two granules asked for; one process is one granule
   with pytest.raises(ValueError, match="needs 2 devices, have 1"):
     shd.mesh_from_config(cfg)
+
+
+def test_device_put_in_place_moves_each_leaf_and_frees_the_host_copy():
+  import gc
+  import weakref
+  host = {"a": {"w": np.arange(12, dtype=np.float32).reshape(3, 4)},
+          "b": np.ones((8, 2), np.float32)}
+  alive = [weakref.ref(host["a"]["w"]), weakref.ref(host["b"])]
+  expected = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((8, 2))}
+  mesh = shd.make_mesh({"data": -1})
+  sh = {"a": {"w": shd.replicated(mesh)},
+        "b": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))}
+  out = shd.device_put_in_place(host, sh)
+  assert out is host                                       # the same dict, leaves replaced
+  assert isinstance(out["a"]["w"], jax.Array) and isinstance(out["b"], jax.Array)
+  assert out["b"].sharding == sh["b"] and out["a"]["w"].sharding == sh["a"]["w"]
+  np.testing.assert_array_equal(np.asarray(out["a"]["w"]), expected["w"])
+  np.testing.assert_array_equal(np.asarray(out["b"]), expected["b"])
+  # On CPU a device array may alias its host buffer (zero-copy), so the host arrays can live
+  # as long as the device arrays do; but nothing else may hold them.
+  del out, host
+  gc.collect()
+  assert all(r() is None for r in alive)
+
+
+def test_batch_shards_and_the_evaluation_default_of_one_set_per_shard():
+  import ml_collections
+  from contextblip_jax.evaluation import loop
+  one = shd.make_mesh({"data": -1}, jax.devices()[:1])
+  eight = shd.make_mesh({"data": 4, "fsdp": 2})
+  tensor = shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  assert [shd.batch_shards(m) for m in (one, eight, tensor)] == [1, 8, 2]
+  cfg = ml_collections.ConfigDict({"eval": {"sets_per_batch": 0}, "sharding_rules": None})
+  assert loop.sets_per_batch(cfg, eight) == 8 and loop.sets_per_batch(cfg, one) == 1
+  cfg.eval.sets_per_batch = 3
+  assert loop.sets_per_batch(cfg, eight) == 3

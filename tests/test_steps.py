@@ -29,8 +29,8 @@ from contextblip_jax.models import layers
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
                                                 stage_param_names)
 from contextblip_jax.models.variants import get_variant
-from contextblip_jax.training.train_state import (TrainState, merge_params, partition_params,
-                                         trainable_paths)
+from contextblip_jax.training.train_state import (merge_params, partition_params,
+                                                  trainable_paths)
 
 FAST = compilation.FAST_COMPILE
 # The freeze rules of the stage configs (configs/*.py, SPEC §3.9), over each stage's tree.

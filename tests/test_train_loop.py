@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers.checkpoints import make_tiny_checkpoint
 from configs import finetune_stage1
+from contextblip_jax.data import imagecode
 from contextblip_jax.run import train
 from contextblip_jax.storage import param_dir
 from contextblip_jax.storage import workdir as wd
@@ -121,6 +122,7 @@ def test_epoch_evaluations_export_the_best_epoch(env):
   c.train.num_steps = 12
   c.train.eval_every_epochs = 1
   c.train.select_best = True
+  c.train.validate_last_epoch = True      # the last parameters compete too
   c.train.log_every = 4
   c.train.save_every = 100
   out = train.train_and_evaluate(c, str(env["root"] / "best"))
@@ -136,3 +138,32 @@ def test_epoch_evaluations_export_the_best_epoch(env):
   export = param_dir.load_param_dir(str(env["root"] / "best"))
   assert export.provenance["step"] == out["best_step"]
   assert export.provenance["valid_acc"] == out["best_valid_acc"]
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_validation_timing(env, monkeypatch, last):
+  """train.validate_last_epoch=False (the reference): the validations after epochs 0..E-2
+  are the selection candidates, the last parameters are evaluated but never exported as the
+  best; True: they compete. Valid accuracy rises with the step here (a stand-in evaluator),
+  so the two choices export different steps. An epoch keeps its partial last batch."""
+  calls = []
+
+  def evaluate(self, state, name, writer, step):
+    calls.append((name, step))
+    return {"all": {"acc": step / 1000.0}}
+  monkeypatch.setattr(train._Eval, "__call__", evaluate)
+  c = _config(env)
+  c.train.num_steps, c.train.num_epochs, c.train.batch_size = 0, 3, 6
+  c.train.eval_every_epochs, c.train.select_best = 1, True
+  c.train.validate_last_epoch = last
+  c.train.save_every = 100
+  out = train.train_and_evaluate(c, str(env["root"] / f"timing_{last}"))
+  n = len(imagecode.load_split(c, "train").examples)
+  spe = out["steps_per_epoch"]
+  assert n % 6 and spe == -(-n // 6) and out["final_step"] == 3 * spe   # ceil(N / B)
+  assert calls == [("stage1_valid_epoch1", spe), ("stage1_valid_epoch2", 2 * spe),
+                   ("stage1_valid", 3 * spe)]
+  best = 3 * spe if last else 2 * spe
+  assert out["best_step"] == best and out["valid"]["all"]["acc"] == 3 * spe / 1000.0
+  export = param_dir.load_param_dir(str(env["root"] / f"timing_{last}"))
+  assert export.provenance["step"] == best and export.provenance["valid_acc"] == best / 1000.0

@@ -4,10 +4,11 @@ Stages (each logs one progress line):
   1. load   `load_source`: safe read of the file or HF directory (loaders.py).
   2. map    the config comes from the source (infer_config.py); the abstract target tree
             (`jax.eval_shape` of `Blip(config).init`, unboxed, plus the adapter when the source
-            has one) is flattened and *every* leaf is filled through the one table in
-            mapping.py (`map_source`). The table names the unscanned layout (`blocks_{i}`,
-            `layer_{i}`); a scanned target (`scan_layers`: stacks with a leading layer axis,
-            models/layout.py) is filled through its unscanned twin, block by block, then
+            has one, and the authors' stage modules it holds: TMIM, prediction layer, context
+            encoder, `mapping.STAGE_RULES`) is flattened and *every* leaf is filled through
+            the one table in mapping.py (`map_source`). The table names the unscanned layout
+            (`blocks_{i}`, `layer_{i}`); a scanned target (`scan_layers`: stacks with a leading
+            layer axis, models/layout.py) is filled through its unscanned twin, block by block, then
             stacked by `layout.to_layout`.
   3. check  every source key is used or in a named ignored group; any missing, unexpected or
             mis-shaped key raises `ConversionError` naming all of them (`MappingReport.check`).
@@ -39,24 +40,28 @@ from contextblip_jax.data.tokenizer import VOCAB_PATH
 from contextblip_jax.models import layout
 from contextblip_jax.models.adapter import MultiScaleAdapter
 from contextblip_jax.models.blip import Blip
-from contextblip_jax.models.contextblip import ContextBlipConfig
+from contextblip_jax.models.contextblip import (PARAM_GROUPS, ContextBlip, ContextBlipConfig,
+                                                init_params)
 from contextblip_jax.models.variants import BlipConfig
 from contextblip_jax.storage.atomic import check_replaceable
 from contextblip_jax.storage.param_dir import (blip_model_config, is_parameter_directory,
                                                write_param_dir)
 from weight_convert import mapping
 from weight_convert.infer_config import (adapter_from_source, config_from_hf,
-                                         config_from_original)
-from weight_convert.loaders import BLIP_PREFIX, ConversionError, SourceState, load_source
+                                         config_from_original, stage_fields)
+from weight_convert.loaders import ConversionError, SourceState, load_source
 
 Log = Callable[[str], None]
 
 
-def abstract_params(model: ContextBlipConfig | BlipConfig) -> dict:
-  """{"pretrained_blip": ..., ["vision_adapter": ...]} of jax.ShapeDtypeStruct (unboxed).
+def abstract_params(model: ContextBlipConfig | BlipConfig, groups: tuple[str, ...] = ()
+                    ) -> dict:
+  """{"pretrained_blip": ..., ["vision_adapter": ...], [stage groups]} of jax.ShapeDtypeStruct
+  (unboxed).
 
   The adapter subtree is there when `model` is a ContextBlipConfig with `use_adapter`; a
-  BlipConfig gives the BLIP tree only.
+  BlipConfig gives the BLIP tree only. `groups` adds the stage modules of mapping.STAGE_RULES
+  ('tmim', 'head', 'context': models/contextblip.py PARAM_GROUPS), shaped by `model`.
   """
   config = model.blip if isinstance(model, ContextBlipConfig) else model
   s = config.vision.image_size
@@ -69,6 +74,18 @@ def abstract_params(model: ContextBlipConfig | BlipConfig) -> dict:
                             reduction=model.adapter_reduction)
     tree["vision_adapter"] = jax.eval_shape(
         lambda: nn.unbox(mod.init(jax.random.key(0), x, [x] * config.vision.depth))["params"])
+  if groups:
+    if not isinstance(model, ContextBlipConfig):
+      raise ValueError(f"stage groups {groups} need a ContextBlipConfig")
+    full = jax.eval_shape(lambda: nn.unbox(init_params(
+        ContextBlip(model.replace(use_tmim=True).with_layers(scan_layers=False)),
+        jax.random.key(0), "all")))
+    for group in groups:
+      for name in PARAM_GROUPS[group]:
+        tree[name] = full[name]
+    if model.scan_layers:
+      tree = {k: (v if k in ("pretrained_blip", "vision_adapter") else layout.to_layout(v, True))
+              for k, v in tree.items()}
   return tree
 
 
@@ -88,7 +105,8 @@ class MappingReport:
     parts, src = [], self.source
     if self.missing:
       parts.append(f"missing source keys ({len(self.missing)}): " + "; ".join(
-          f"{key} (for {target})" for target, key in self.missing))
+          f"{key if key.startswith('<') else src.name(key)} (for "
+          f"{target})" for target, key in self.missing))
     if self.unexpected:
       parts.append(f"unexpected source keys ({len(self.unexpected)}), neither used nor in an "
                    f"ignored group: " + ", ".join(src.name(k) for k in self.unexpected))
@@ -206,25 +224,46 @@ def _tied_embedding_note(source: SourceState) -> list[str]:
   return []
 
 
+def source_groups(source: SourceState, tmim: bool = True) -> tuple[str, ...]:
+  """The stage groups of mapping.STAGE_RULES an original-format source holds ('tmim' left out
+  when `tmim` is False: its keys are then an ignored group)."""
+  if source.format != "original":
+    return ()
+  return tuple(g for g in mapping.stage_groups_of(source.arrays) if tmim or g != "tmim")
+
+
 def to_flax(source: SourceState, image_size: int | None = None, *,
             vision_heads: int | None = None, text_heads: int | None = None,
             hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
-            scan_layers: bool = False, log: Log | None = None) -> Converted:
+            scan_layers: bool = False, tmim: bool = True, decoder_heads: int | None = None,
+            context_heads: int | None = None, log: Log | None = None) -> Converted:
   """Map + check stages: SourceState -> Converted (raises ConversionError on any mismatch);
-  `scan_layers`: the parameters in the scanned layout (models/layout.py)."""
+  `scan_layers`: the parameters in the scanned layout (models/layout.py). The stage modules
+  the source holds (TMIM unless `tmim` is False, prediction layer, context encoder) are
+  converted with the rest; `decoder_heads` / `context_heads` (default 8, as the reference)
+  are their head counts, which shapes cannot tell."""
   log = log or (lambda s: None)
   config, notes, resample = source_config(source, image_size, vision_heads=vision_heads,
                                           text_heads=text_heads, hf_config=hf_config)
   adapter = adapter_from_source(source, config, adapter_taps)
+  groups = source_groups(source, tmim)
   model = blip_model_config(config, adapter["taps"] if adapter else None,
-                            adapter["reduction"] if adapter else 2).with_layers(scan_layers)
-  target = abstract_params(model)
+                            adapter["reduction"] if adapter else 2)
+  fields = stage_fields(source, config, groups, decoder_heads, context_heads)
+  try:
+    model = model.replace(**fields)
+  except ValueError as e:      # e.g. heads that do not divide the width
+    raise ConversionError(f"{source.path}: {e}") from e
+  model = model.with_layers(scan_layers)
+  target = abstract_params(model, groups)
   params, report = map_source(source, target, allow_resample=resample)
   report.notes[:0] = source.notes + notes + _tied_embedding_note(source)
   n_leaves = len(traverse_util.flatten_dict(target))
   log(f"[2/4] map: {n_leaves} target parameters from {len(source.arrays)} source tensors"
       + (f"; adapter taps {list(model.adapter_taps)} reduction {model.adapter_reduction}"
-         if model.use_adapter else "") + ("; scanned layers" if scan_layers else ""))
+         if model.use_adapter else "") + ("; scanned layers" if scan_layers else "")
+      + (f"; {source.layout} checkpoint" if source.layout else "")
+      + (f"; stage modules {', '.join(groups)}" if groups else ""))
   report.check()
   log(f"[3/4] check: ok: {report.summary()}")
   for note in report.notes:
@@ -242,7 +281,7 @@ def source_record(source: SourceState) -> dict[str, Any]:
                    and os.path.isfile(os.path.join(path, f)))
     digests = {f: _sha256(os.path.join(path, f)) for f in files}
   else:
-    contextblip = any(n.startswith(BLIP_PREFIX) for n in source.names.values()) or any(
+    contextblip = bool(source.layout) or any(
         k.startswith("vision_adapter.") for k in source.arrays)
     fmt = "contextblip" if contextblip else "original"
     digests = {os.path.basename(path): _sha256(path)}
@@ -257,7 +296,9 @@ def _sha256(path: str) -> str:
 def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None, *,
             vision_heads: int | None = None, text_heads: int | None = None,
             hf_config: str = "blip", adapter_taps: tuple[int, ...] | None = None,
-            scan_layers: bool = False, overwrite: bool = False, log: Log | None = None) -> str:
+            scan_layers: bool = False, tmim: bool = True, decoder_heads: int | None = None,
+            context_heads: int | None = None, overwrite: bool = False,
+            log: Log | None = None) -> str:
   """Converts `src` (original .pth/.safetensors file or HF directory) into the directory `out`.
 
   Args:
@@ -272,6 +313,9 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
     adapter_taps: 1-based ViT blocks of a ContextBLIP adapter (default evenly spaced).
     scan_layers: write the scanned layout (stacked blocks; recorded in model.json). Every
       command converts a directory to the layout its config asks for on load.
+    tmim: convert a pre-training checkpoint's TMIM modules (False: leave them out, an ignored
+      group); the stage-1 prediction layer and stage-2 context encoder are always converted.
+    decoder_heads, context_heads: TMIM decoder / stage-2 context encoder heads (default 8).
     log: called with one progress line per stage.
   Returns:
     The absolute path of the written directory. Nothing is written if any stage fails.
@@ -285,7 +329,7 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
   log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
   conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
                  hf_config=hf_config, adapter_taps=adapter_taps, scan_layers=scan_layers,
-                 log=log)
+                 tmim=tmim, decoder_heads=decoder_heads, context_heads=context_heads, log=log)
   provenance = {"writer": "weight_convert", "source": source_record(source),
                 "summary": conv.report.as_dict()}
   path = write_param_dir(out, conv.params, conv.model, provenance, vocab_path=VOCAB_PATH,

@@ -123,7 +123,7 @@ def hf_config_dict(config: BlipConfig) -> dict[str, Any]:
 def _need(source: SourceState, key: str, ndim: int) -> tuple[int, ...]:
   if key not in source.arrays:
     raise ConversionError(f"{source.path}: cannot infer the model size: missing key "
-                          f"{key!r}")
+                          f"{source.name(key)!r}")
   shape = source.shape(key)
   if len(shape) != ndim:
     raise ConversionError(f"{source.path}: key {source.name(key)!r} has shape {list(shape)}, "
@@ -208,3 +208,40 @@ def adapter_from_source(source: SourceState, config: BlipConfig,
   if len(taps) != n or not all(1 <= t <= depth for t in taps):
     raise ConversionError(f"adapter taps {taps} do not fit {n} DPAL layers and {depth} blocks")
   return {"taps": list(taps), "reduction": width // rows}
+
+
+def stage_fields(source: SourceState, config: BlipConfig, groups: tuple[str, ...],
+                 decoder_heads: int | None = None, context_heads: int | None = None
+                 ) -> dict[str, Any]:
+  """ContextBlipConfig fields of the stage modules in `groups` (mapping.STAGE_RULES names).
+
+  'tmim': decoder depth = number of `visual_decoder.encoder.layer.{i}`; the text adapter's
+  reduction = text width / rows of `text_adapter.fc.0.weight`; decoder heads cannot be read
+  from shapes: `decoder_heads`, default 8 as the reference (the ViT's heads when 8 does not
+  divide the width). 'context': depth = number of `transformer.{i}`; candidates = rows of
+  `positional_emb.weight`; heads `context_heads`, default 8 as the reference (the text heads
+  when 8 does not divide the width). `use_tmim` keeps its default (the run's config decides).
+  """
+  out: dict[str, Any] = {}
+  v, t = config.vision, config.text
+  if "tmim" in groups:
+    rows = _need(source, "text_adapter.fc.0.weight", 2)[0]
+    if rows == 0 or t.hidden_size % rows:
+      raise ConversionError(f"{source.path}: {source.name('text_adapter.fc.0.weight')} has "
+                            f"{rows} rows; the text width {t.hidden_size} is not a multiple")
+    heads = decoder_heads or (8 if v.width % 8 == 0 else v.num_heads)
+    out.update(decoder_layers=_count(
+        source, r"^visual_decoder\.encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),
+        decoder_heads=heads, text_adapter_reduction=t.hidden_size // rows)
+  if "context" in groups:
+    heads = context_heads or (8 if t.hidden_size % 8 == 0 else t.num_heads)
+    out.update(context_layers=_count(
+        source, r"^transformer\.(\d+)\.attention\.self\.query\.weight$"),
+        context_heads=heads,
+        num_candidates=_need(source, "positional_emb.weight", 2)[0])
+  for name in ("decoder_layers", "context_layers"):
+    if out.get(name) == 0:
+      raise ConversionError(f"{source.path}: the checkpoint holds "
+                            f"{'TMIM' if name[0] == 'd' else 'context-encoder'} keys but no "
+                            f"complete layer 0 ({name} would be 0)")
+  return out

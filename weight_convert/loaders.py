@@ -7,9 +7,19 @@ when a torch file is actually read; safetensors files are read with `safetensors
 
 Sources (`detect_format`):
   * 'original': one file (`.pth`, `.pt`, `.bin` or `.safetensors`) with Salesforce BLIP keys
-    (`visual_encoder.*`, `text_encoder.*`, ...), at the top level or under "model" (or
-    "state_dict"); ContextBLIP checkpoints carry the BLIP keys under `pretrained_blip.` next to
-    `vision_adapter.*` and the TMIM modules. A uniform DDP `module.` prefix is removed.
+    (`visual_encoder.*`, `text_encoder.*`, ...), at the top level or under "model",
+    "model_state_dict" or "state_dict". The authors' ContextBLIP checkpoints of every stage
+    (`STAGE_LAYOUTS`, detected from the keys) are read too:
+      pretrain  main.py {"model": ...}: `pretrained_blip.*` (BLIP_Base), `vision_adapter.*`,
+                the TMIM modules (text_adapter, visual_decoder, decoder_pos_embed, recon_head,
+                mask_embed)
+      stage1    finetune_notf.py {"model_state_dict": ...}: `blip.pretrained_blip.*`,
+                `blip.vision_adapter.*`, `prediction_layer.*`
+      stage2    finetune_context.py {"model_state_dict": ...}: `blip.blip.pretrained_blip.*`,
+                `blip.blip.vision_adapter.*`, `blip.prediction_layer.*`, `transformer.{i}.*`,
+                `positional_emb.weight`
+    Their keys are read under canonical names (the stage prefixes and `pretrained_blip.`
+    removed). A uniform DDP `module.` prefix is removed.
   * 'hf': a directory holding a `BlipForImageTextRetrieval` `config.json` and `model.safetensors`
     (or a sharded `model.safetensors.index.json`, or `pytorch_model.bin`).
 """
@@ -24,6 +34,56 @@ from typing import Any
 import numpy as np
 
 BLIP_PREFIX = "pretrained_blip."        # ContextBLIP: BLIP_Base lives under this attribute
+WRAPPERS = ("model", "model_state_dict", "state_dict")   # dict keys a state dict may sit under
+
+# How each layout's file keys map to canonical keys: ordered (file prefix, canonical prefix)
+# pairs, the first that matches wins; a key matching none keeps its name (and is reported as
+# unexpected unless the table uses it or an ignored group names it). `detect` is a file-key
+# prefix that only that layout has. The wrapper is the one the authors' code saves under.
+STAGE_LAYOUTS: dict[str, dict[str, Any]] = {
+    "stage2": dict(detect="blip.blip.", wrapper="model_state_dict", prefixes=(
+        ("blip.blip.pretrained_blip.", ""), ("blip.blip.vision_adapter.", "vision_adapter."),
+        ("blip.prediction_layer.", "prediction_layer."), ("transformer.", "transformer."),
+        ("positional_emb.", "positional_emb."))),
+    "stage1": dict(detect="blip.pretrained_blip.", wrapper="model_state_dict", prefixes=(
+        ("blip.pretrained_blip.", ""), ("blip.vision_adapter.", "vision_adapter."),
+        ("prediction_layer.", "prediction_layer."))),
+    "pretrain": dict(detect=BLIP_PREFIX, wrapper="model", prefixes=(
+        (BLIP_PREFIX, ""),) + tuple((p, p) for p in (
+            "vision_adapter.", "text_adapter.", "visual_decoder.", "decoder_pos_embed.",
+            "recon_head.", "mask_embed"))),
+}
+
+
+def stage_layout(keys) -> str:
+  """'stage2', 'stage1' or 'pretrain' (a ContextBLIP checkpoint; 'pretrain' also when it has no
+  TMIM modules) for file keys holding that layout's prefix; '' for plain BLIP keys."""
+  keys = list(keys)
+  for name, spec in STAGE_LAYOUTS.items():
+    if any(k.startswith(spec["detect"]) for k in keys):
+      return name
+  return ""
+
+
+def canonical_key(key: str, layout: str) -> str:
+  """File key -> canonical key under `layout` (see STAGE_LAYOUTS)."""
+  for file_prefix, canon in STAGE_LAYOUTS[layout]["prefixes"] if layout else ():
+    if key.startswith(file_prefix):
+      return canon + key[len(file_prefix):]
+  return key
+
+
+def file_key(key: str, layout: str) -> str:
+  """Canonical key -> the key the authors' code saves under `layout` (inverse of
+  `canonical_key` for the keys the table uses)."""
+  if not layout:
+    return key
+  prefixes = STAGE_LAYOUTS[layout]["prefixes"]
+  for file_prefix, canon in prefixes:
+    if canon and key.startswith(canon):
+      return file_prefix + key[len(canon):]
+  blip = next(f for f, c in prefixes if c == "")
+  return blip + key
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -50,6 +110,8 @@ class SourceState:
   format: str                       # 'original' | 'hf'
   hf_config: dict | None = None     # config.json of an HF directory
   notes: list[str] = dataclasses.field(default_factory=list)
+  layout: str = ""                  # STAGE_LAYOUTS name ('pretrain', 'stage1', 'stage2') or ''
+  prefix: str = ""                  # a uniform prefix removed from every file key ('module.')
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.arrays[key].shape)
@@ -69,7 +131,11 @@ class SourceState:
     return x
 
   def name(self, key: str) -> str:
-    return self.names.get(key, key)
+    """The key in the file for canonical `key` (also for a key the file lacks: where the
+    authors' code would have saved it)."""
+    if key in self.names:
+      return self.names[key]
+    return self.prefix + file_key(key, self.layout) if self.format == "original" else key
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -134,8 +200,8 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _unwrap(obj: dict[str, Any], path: str, notes: list[str]) -> dict[str, Any]:
-  """Returns the state dict: the top level, or the dict under 'model' / 'state_dict'."""
-  for wrapper in ("model", "state_dict"):
+  """Returns the state dict: the top level, or the dict under one of WRAPPERS."""
+  for wrapper in WRAPPERS:
     if isinstance(obj.get(wrapper), dict):
       others = sorted(k for k in obj if k != wrapper)
       if others:
@@ -151,31 +217,38 @@ def _unwrap(obj: dict[str, Any], path: str, notes: list[str]) -> dict[str, Any]:
 
 
 def _canonical(state: dict[str, Any], path: str, notes: list[str]
-               ) -> tuple[dict[str, Any], dict[str, str]]:
-  """Strips a uniform DDP `module.` prefix and ContextBLIP's `pretrained_blip.` prefix."""
+               ) -> tuple[dict[str, Any], dict[str, str], str, str]:
+  """Strips a uniform DDP `module.` prefix and the prefixes of the detected ContextBLIP layout
+  -> (arrays, names: canonical -> file key, layout, removed uniform prefix)."""
+  prefix = ""
   if state and all(k.startswith("module.") for k in state):
-    state = {k[len("module."):]: v for k, v in state.items()}
+    prefix = "module."
+    state = {k[len(prefix):]: v for k, v in state.items()}
     notes.append("removed the DDP prefix 'module.' from every key")
+  layout = stage_layout(state)
   arrays, names = {}, {}
   for key, value in state.items():
-    canon = key[len(BLIP_PREFIX):] if key.startswith(BLIP_PREFIX) else key
+    canon = canonical_key(key, layout)
     if canon in arrays:
-      raise ConversionError(f"{path}: both {names[canon]!r} and {key!r} are present")
-    arrays[canon], names[canon] = value, key
-  if any(k.startswith(BLIP_PREFIX) for k in state):
-    notes.append(f"ContextBLIP checkpoint: BLIP keys read under the prefix {BLIP_PREFIX!r}")
-  return arrays, names
+      raise ConversionError(f"{path}: both {prefix + names[canon]!r} and {prefix + key!r} are "
+                            f"read as {canon!r}")
+    arrays[canon], names[canon] = value, prefix + key
+  if layout:
+    notes.append(f"ContextBLIP {layout} checkpoint: keys read under the prefixes "
+                 + ", ".join(repr(f) for f, c in STAGE_LAYOUTS[layout]["prefixes"] if f != c))
+  return arrays, names, layout, prefix
 
 
 def load_original(path: str) -> SourceState:
   """An original Salesforce BLIP / ContextBLIP checkpoint file -> SourceState."""
   notes: list[str] = []
   state = _unwrap(read_weight_file(path), path, notes)
-  arrays, names = _canonical(state, path, notes)
+  arrays, names, layout, prefix = _canonical(state, path, notes)
   if any(k.startswith("vision_model.") for k in arrays):
     raise ConversionError(f"{path}: holds Hugging Face keys (vision_model.*); pass the HF model "
                           f"directory (with config.json) and --format hf")
-  return SourceState(arrays, names, path, "original", notes=notes)
+  return SourceState(arrays, names, path, "original", notes=notes, layout=layout,
+                     prefix=prefix)
 
 
 def _read_json(path: str) -> Any:

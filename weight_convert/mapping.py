@@ -22,6 +22,12 @@ The table names the unscanned layout (`blocks_{i}`, `layer_{i}`). A tree in the 
 converter and the export convert with the one helper `contextblip_jax.models.layout.to_layout`,
 so a stacked leaf [L, ...] is filled from (or exported to) the L per-layer keys.
 
+`STAGE_RULES` extends the table to the other modules of the authors' checkpoints (original keys
+only): the pre-training TMIM modules ('tmim'), the stage-1 `prediction_layer` ('head') and the
+stage-2 context transformer with its position table ('context'); `stage_groups_of` says which
+of them a source holds. Export to the authors' layout (`export_hf.to_authors_state_dict`) walks
+them back too.
+
 Source keys that the target does not use must belong to one of the named `IGNORED_GROUPS`;
 anything else is an error (see `converter.map_source`). Export to HF (`export_hf.py`) walks this
 same table in reverse with `Hook.inverse`.
@@ -163,6 +169,66 @@ RULES: tuple[Rule, ...] = tuple(
 )
 
 
+# --- the authors' ContextBLIP stage modules: original (authors') keys only, no HF counterpart.
+# Canonical keys as `loaders.STAGE_LAYOUTS` leave them (stage wrappers `blip.` / `blip.blip.`
+# and `pretrained_blip.` removed). Group names are models/contextblip.py PARAM_GROUPS.
+_DL = "visual_decoder/encoder/layer_{i}"      # TMIM decoder: med.BertModel, no embeddings
+_ODL = "visual_decoder.encoder.layer.{i}"
+_CT = "context_encoder/transformer_{i}"       # stage 2: extras_.BertLayer x 2
+_OCT = "transformer.{i}"
+
+
+def _no_hf(rules: list[Rule]) -> list[Rule]:
+  return [dataclasses.replace(r, hf=None) for r in rules]
+
+
+def _bert_layer(target: str, original: str, cross: bool) -> list[Rule]:
+  """A med.py / extras_.py BertLayer: attention, [crossattention], intermediate, output."""
+  return (_attention(f"{target}/attention", f"{original}.attention")
+          + (_attention(f"{target}/crossattention", f"{original}.crossattention")
+             if cross else [])
+          + _dense(f"{target}/intermediate", f"{original}.intermediate.dense")
+          + _dense(f"{target}/output", f"{original}.output.dense")
+          + _norm(f"{target}/output_LayerNorm", f"{original}.output.LayerNorm"))
+
+
+STAGE_RULES: dict[str, tuple[Rule, ...]] = {
+    # pre-training (models/multiscale_adapter.py Adapter_BLIP with mask_rate > 0), SPEC §4.7-4.10
+    "tmim": tuple(_no_hf(
+        [Rule("text_adapter/fc_0/kernel", "text_adapter.fc.0.weight", None, TRANSPOSE),
+         Rule("text_adapter/fc_2/kernel", "text_adapter.fc.2.weight", None, TRANSPOSE)]
+        + _bert_layer(_DL, _ODL, cross=True)
+        + _embed("decoder_pos_embed", "decoder_pos_embed")
+        + _dense("recon_head", "recon_head")
+        + [Rule("mask_embed", "mask_embed", None)])),
+    # stage 1 (finetune_notf.py ContextualBLIP.prediction_layer = Linear(768, 1)), SPEC §6.2
+    "head": tuple(_no_hf(_dense("prediction_layer", "prediction_layer"))),
+    # stage 2 (finetune_context.py: transformer = 2 x BertLayer, positional_emb), SPEC §6.3
+    "context": tuple(_no_hf(
+        _bert_layer(_CT, _OCT, cross=False)
+        + _embed("context_encoder/positional_emb", "positional_emb"))),
+}
+
+# Canonical source keys of each stage group: a source holding any of them gets the whole group
+# in its target tree (and every key of the group is then required).
+STAGE_SOURCE_KEYS: dict[str, str] = {
+    "tmim": r"^(text_adapter|visual_decoder|decoder_pos_embed|recon_head|mask_embed)(\.|$)",
+    "head": r"^prediction_layer\.",
+    "context": r"^(transformer|positional_emb)\.",
+}
+_STAGE_SOURCE_RE = {g: re.compile(rx) for g, rx in STAGE_SOURCE_KEYS.items()}
+
+
+def stage_groups_of(keys) -> tuple[str, ...]:
+  """The stage groups ('tmim', 'head', 'context') that canonical source `keys` hold a
+  parameter of (position-id buffers do not count), in table order."""
+  keys = [k for k in keys if not k.endswith("position_ids")]
+  return tuple(g for g, rx in _STAGE_SOURCE_RE.items() if any(rx.search(k) for k in keys))
+
+
+ALL_RULES: tuple[Rule, ...] = RULES + tuple(r for rules in STAGE_RULES.values() for r in rules)
+
+
 # Known source keys that the converted tree does not use: (group name, regex on the canonical
 # key, why). Every unused source key must match one of these, or conversion fails.
 IGNORED_GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -175,7 +241,10 @@ IGNORED_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("position_ids", r"(^|\.)position_ids$", "position-id buffers (arange)"),
     ("text_pooler", r"^text_encoder\.pooler\.", "BERT pooler (unused by BLIP retrieval)"),
     ("contextblip_tmim", r"^(text_adapter|visual_decoder|decoder_pos_embed|recon_head|mask_embed)"
-     r"(\.|$)", "ContextBLIP TMIM pre-training modules (not converted)"),
+     r"(\.|$)", "ContextBLIP TMIM pre-training modules, when left out on request (tmim=False, "
+     "--no-tmim); converted by default"),
+    ("contextblip_mlm", r"^(prompt$|pred_head\.)", "ContextBLIP's MLM prompt branch "
+     "(prompt_length > 0; off in the paper, SPEC §4.11)"),
 )
 _IGNORED_RE = tuple((name, re.compile(rx)) for name, rx, _ in IGNORED_GROUPS)
 
@@ -192,7 +261,7 @@ def _compile(pattern: str) -> re.Pattern:
   return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-_TARGET_RE = tuple((_compile(r.target), r) for r in RULES)
+_TARGET_RE = tuple((_compile(r.target), r) for r in ALL_RULES)
 
 
 def rule_for(path: str) -> tuple[Rule, dict[str, str]]:

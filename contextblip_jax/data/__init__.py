@@ -11,4 +11,5 @@ Modules (import the one you need; nothing heavy is imported here):
   tfds_pairs      TFDS (array_record, no TensorFlow) builder for pre-training pairs.
   synthetic       Seeded synthetic dataset in the exact IMAGECODE layout + pairs (CLI: -m).
   benchmark       Prints generation time and pipeline throughput (python -m ...benchmark).
+  prepare         Raw downloads -> the layout the configs read, + TFDS datasets (CLI: -m).
 """

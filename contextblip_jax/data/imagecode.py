@@ -384,7 +384,7 @@ def read_imagecode_dir(data_dir: str, split: str, *, image_root: str | None = No
                         on_error=on_error)
 
 
-def load_candidates(paths: Sequence[str], image_size: int) -> "np.ndarray":  # noqa: F821
+def load_candidates(paths: Sequence[str], image_size: int) -> Any:
   """Evaluation transform of one set: float32 [10, S, S, 3] (raises ImageLoadError)."""
   if len(paths) != NUM_CANDIDATES:
     raise ImagecodeDataError(f"expected {NUM_CANDIDATES} candidate paths, got {len(paths)}")

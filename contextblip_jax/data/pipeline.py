@@ -17,7 +17,12 @@ Batch formats (per process; L = local batch size, S image size, T max_length):
   pretrain_pipeline:        {"image": f32 [L, S, S, 3], "input_ids": i32 [L, T],
                              "attention_mask": i32 [L, T]}
   imagecode_train_pipeline: {"images": f32 [L, 10, S, S, 3], "input_ids": i32 [L, T],
-                             "attention_mask": i32 [L, T], "label": i32 [L], "is_video": bool [L]}
+                             "attention_mask": i32 [L, T], "label": i32 [L], "is_video": bool [L],
+                             "example_mask": bool [L]}
+    `example_mask` is False on the padding rows of an epoch's last, partial global batch
+    (kept by default, as the reference's fine-tuning DataLoader keeps it: ceil(N / G) steps
+    per epoch; the padding rows repeat the epoch's first records and the losses leave them
+    out); `drop_remainder=True` drops that batch instead (floor(N / G) steps).
   imagecode_eval_pipeline (one row per *set*, D = max descriptions per set, 3 in IMAGECODE):
       {"images": f32 [L, 10, S, S, 3]             each set's candidates once (eval transform)
        "input_ids", "attention_mask": i32 [L, D, T]  its descriptions ("" where padded)
@@ -63,6 +68,10 @@ from contextblip_jax.data import augment
 from contextblip_jax.data.imagecode import NUM_CANDIDATES, ImagecodeSplit
 from contextblip_jax.data.pairs import PairExample, PairsData
 from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
+
+
+# Training-batch key of the real rows (False on the rows padding an epoch's last batch).
+EXAMPLE_MASK = "example_mask"
 
 
 # --------------------------------------------------------------------------- sources
@@ -256,14 +265,22 @@ def shard_rows(global_batch_size: int, shard: Any = None) -> np.ndarray:
 
 class BatchRows(grain.MapDataset):
   """Element j = this process's row j % L of global batch j // L of the parent (epoch-aware:
-  index e * len(self) + j reads parent index e * len(parent) + ...). A trailing partial
-  global batch is dropped."""
+  index e * len(self) + j reads parent index e * len(parent) + ...).
 
-  def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: np.ndarray):
+  A trailing partial global batch is dropped, or with `keep_remainder` kept and filled up to
+  G rows with the epoch's first records (position p >= N reads position p - N). With
+  `mask_key`, every element (a dict) gets `mask_key: bool` = it is a real row (False on the
+  filling rows).
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: np.ndarray,
+               keep_remainder: bool = False, mask_key: str | None = None):
     super().__init__(parent)
     self._g, self._rows = int(global_batch_size), [int(r) for r in rows]
     self._n_parent = len(parent)
-    self._length = (self._n_parent // self._g) * len(self._rows)
+    self._keep, self._mask_key = bool(keep_remainder), mask_key
+    batches = (-(-self._n_parent // self._g) if self._keep else self._n_parent // self._g)
+    self._length = batches * len(self._rows)
 
   def __len__(self) -> int:
     return self._length
@@ -276,7 +293,12 @@ class BatchRows(grain.MapDataset):
       return self.slice(index)
     epoch, j = divmod(index, self._length)
     b, r = divmod(j, len(self._rows))
-    return self._parent[epoch * self._n_parent + b * self._g + self._rows[r]]
+    position = b * self._g + self._rows[r]
+    real = position < self._n_parent
+    element = self._parent[epoch * self._n_parent + position % self._n_parent]
+    if self._mask_key is None:
+      return element
+    return {**element, self._mask_key: np.bool_(real)}
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -285,7 +307,8 @@ class BatchRows(grain.MapDataset):
 class Pipeline:
   """An IterDataset plus its sizes; `iter(pipeline)` -> grain.DatasetIterator."""
   dataset: grain.IterDataset
-  steps_per_epoch: int        # global batches per epoch
+  steps_per_epoch: int        # global batches per epoch (ceil(N / G) when the last, partial
+                              # batch is kept, floor(N / G) when it is dropped)
   global_batch_size: int
   local_batch_size: int
   num_records: int            # examples (or sets) per epoch before dropping
@@ -295,11 +318,13 @@ class Pipeline:
 
 
 def _finish(ds: grain.MapDataset, n: int, global_batch_size: int, shard, num_epochs,
-            num_threads, prefetch_buffer_size, worker_count) -> Pipeline:
+            num_threads, prefetch_buffer_size, worker_count, drop_remainder: bool = True,
+            mask_key: str | None = None) -> Pipeline:
   rows = shard_rows(global_batch_size, shard)
-  if n < global_batch_size:
+  if n < (global_batch_size if drop_remainder else 1):
     raise ValueError(f"{n} records cannot fill one global batch of {global_batch_size}")
-  ds = BatchRows(ds, global_batch_size, rows).batch(len(rows), drop_remainder=True)
+  ds = BatchRows(ds, global_batch_size, rows, keep_remainder=not drop_remainder,
+                 mask_key=mask_key).batch(len(rows), drop_remainder=True)
   steps = len(ds)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
@@ -339,11 +364,14 @@ def imagecode_train_pipeline(split: ImagecodeSplit | Any, *, image_size: int,
                              shard: Any = None, clean: Callable[[str], str] | None
                              = pre_caption_imagecode, cache_images: bool = False,
                              num_threads: int = 2, prefetch_buffer_size: int = 2,
-                             worker_count: int = 0) -> Pipeline:
+                             worker_count: int = 0, drop_remainder: bool = False) -> Pipeline:
   """IMAGECODE fine-tuning batches {"images", "input_ids", "attention_mask", "label",
-  "is_video"}; the 10 candidates are augmented independently (SPEC §7.3); descriptions are
-  cleaned with pre_caption_imagecode. `split`: reader output or a source of example records
-  (e.g. tfds_imagecode.TfdsImagecodeSource). Drops the last partial global batch."""
+  "is_video", "example_mask"}; the 10 candidates are augmented independently (SPEC §7.3);
+  descriptions are cleaned with pre_caption_imagecode. `split`: reader output or a source of
+  example records (e.g. tfds_imagecode.TfdsImagecodeSource). The last partial global batch
+  of an epoch is kept, padded to the batch size with `example_mask` False on the padding
+  rows (the reference's DataLoader without drop_last: ceil(N / G) steps per epoch, SPEC
+  §6.2), or dropped with `drop_remainder=True`."""
   source = (ImagecodeExampleSource(split, cache_images) if isinstance(split, ImagecodeSplit)
             else split)
   transform = augment.make_train_transform(image_size, augmentation)
@@ -351,7 +379,8 @@ def imagecode_train_pipeline(split: ImagecodeSplit | Any, *, image_size: int,
         .random_map(LoadCandidates(transform), seed=seed + 1)
         .map(Tokenize(TextEncoder(tokenizer, max_length, clean))))
   return _finish(ds, len(source), global_batch_size, shard, num_epochs, num_threads,
-                 prefetch_buffer_size, worker_count)
+                 prefetch_buffer_size, worker_count, drop_remainder=drop_remainder,
+                 mask_key=EXAMPLE_MASK)
 
 
 def imagecode_eval_pipeline(split: ImagecodeSplit, *, image_size: int, sets_per_batch: int,

@@ -1,5 +1,6 @@
-"""IMAGECODE accuracy (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy, the
-text report, the phenomenon tags, and the leaderboard mapping {set: [pred, ...]}.
+"""IMAGECODE accuracy (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy,
+accuracy by number of propositions (paper Table 10), the text report, the phenomenon tags, and
+the leaderboard mapping {set: [pred, ...]}.
 (The files of an evaluation are written by `evaluation/outputs.py`.)
 
 A prediction record is one description:
@@ -85,7 +86,40 @@ def format_report(report: Mapping[str, Any], name: str = "") -> str:
                  f"({e['correct']}/{e['n']})  chance {100 * CHANCE:.0f}%")
   for tag, e in report.get("tags", {}).items():
     lines.append(f"{name} tag {tag:4s} {100 * e['acc']:6.2f}% ({e['correct']}/{e['n']})")
+  props = report.get("propositions")
+  if props:
+    for k, e in props["by_count"].items():
+      lo, hi = e["ci95"]
+      lines.append(f"{name} propositions {k} {100 * e['acc']:6.2f}% [{100 * lo:.1f}, "
+                   f"{100 * hi:.1f}] ({e['correct']}/{e['n']})")
+    if props["missing"]:
+      total = props["matched"] + props["missing"]
+      lines.append(f"{name} propositions: {props['missing']} of {total} descriptions are not "
+                   f"in {props['file']}")
   return "\n".join(line.strip() for line in lines)
+
+
+def proposition_report(records: Sequence[Mapping[str, Any]], counts: Mapping[str, int],
+                       source: str = "") -> dict[str, Any]:
+  """Accuracy by number of propositions (paper Table 10) of the labelled, scored records.
+
+  `counts` maps a description (exactly as in the annotation file) to its number of
+  propositions (`data/propositions.py`). Returns {"file", "by_count": {"1": entry, ...}
+  (sorted by the number), "matched", "missing" (descriptions not in `counts`, counted, never
+  dropped silently)}.
+  """
+  per: dict[int, list[bool]] = {}
+  missing = 0
+  for r in records:
+    if r.get("gold") is None or r.get("pred") is None:
+      continue
+    k = counts.get(r["description"])
+    if k is None:
+      missing += 1
+      continue
+    per.setdefault(int(k), []).append(int(r["pred"]) == int(r["gold"]))
+  return {"file": source, "by_count": {str(k): accuracy_entry(v) for k, v in sorted(per.items())},
+          "matched": sum(len(v) for v in per.values()), "missing": missing}
 
 
 def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:

@@ -34,6 +34,12 @@ _JIT_KEYS = ("images", "input_ids", "attention_mask", "is_video", "desc_mask", "
              "set_mask")
 
 
+def sets_per_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  """config.eval.sets_per_batch, where 0 means one set per batch shard (per device of the
+  batch's mesh axes): the least memory at full use of the devices (10 images per device)."""
+  return int(cfg.eval.sets_per_batch) or shd.batch_shards(mesh, cfg.sharding_rules)
+
+
 class Evaluator:
   """Compiles the score step once per (head, batch shape) and evaluates splits with it."""
 
@@ -41,6 +47,7 @@ class Evaluator:
                mesh: jax.sharding.Mesh, param_shardings: Any):
     self.model, self.head, self.cfg, self.mesh = model, head, cfg, mesh
     self.param_shardings = param_shardings
+    self.sets_per_batch = sets_per_batch(cfg, mesh)
     self._step = None
     self._batch_shardings = None
 
@@ -48,10 +55,10 @@ class Evaluator:
     c = self.cfg
     return pipeline.imagecode_eval_pipeline(
         split, image_size=self.model.config.blip.vision.image_size,
-        sets_per_batch=c.eval.sets_per_batch, max_length=c.data.max_length,
+        sets_per_batch=self.sets_per_batch, max_length=c.data.max_length,
         max_descriptions=3 if max((len(s.example_indices) for s in split.sets), default=1) <= 3
         else None, cache_images=c.data.cache_images, num_threads=c.data.num_threads,
-        shard=distributed.mesh_batch_rows(self.mesh, c.eval.sets_per_batch, c.sharding_rules))
+        shard=distributed.mesh_batch_rows(self.mesh, self.sets_per_batch, c.sharding_rules))
 
   def records(self, params: Any, split: imagecode.ImagecodeSplit, desc: str = "eval"
               ) -> list[dict[str, Any]]:
@@ -82,12 +89,16 @@ class Evaluator:
 
 # ------------------------------------------------------------------ reports
 
-def summarize(records: Sequence[dict[str, Any]], split: imagecode.ImagecodeSplit
-              ) -> dict[str, Any]:
-  """eval_metrics report over the scored records + skipped counts."""
+def summarize(records: Sequence[dict[str, Any]], split: imagecode.ImagecodeSplit,
+              propositions: Any = None) -> dict[str, Any]:
+  """eval_metrics report over the scored records + skipped counts (+ accuracy by number of
+  propositions with a `data/propositions.Propositions`)."""
   scored = [r for r in records if r.get("pred") is not None]
   tags = split.tags_by_gold() if any(e.tags for e in split.examples) else None
   report = accuracy.accuracy_report(scored, tags)
+  if propositions is not None:
+    report["propositions"] = accuracy.proposition_report(records, propositions.counts,
+                                                         propositions.source)
   report["skipped_descriptions"] = len(records) - len(scored)
   report["skipped_entries"] = len(split.skipped)
   return report
@@ -108,10 +119,10 @@ def log_report(report: dict[str, Any], name: str, writer: MetricWriter | None = 
 
 def evaluate_split(evaluator: Evaluator, params: Any, split: imagecode.ImagecodeSplit,
                    out_dir: str, name: str, writer: MetricWriter | None = None,
-                   step: int = 0) -> dict[str, Any]:
+                   step: int = 0, propositions: Any = None) -> dict[str, Any]:
   """Scores `split`, writes predictions / report (/ leaderboard), logs; returns the report."""
   records = evaluator.records(params, split, desc=name) + imagecode.skipped_records(split)
-  report = summarize(records, split)
+  report = summarize(records, split, propositions)
   report["files"] = outputs.write_outputs(out_dir, name, records, split, report)
   report["head"] = evaluator.head
   log_report(report, name, writer, step)

@@ -48,6 +48,7 @@ from contextblip_jax.data import preprocess
 from contextblip_jax.data.tokenizer import DEFAULT_MAX_LENGTH, BlipTokenizer, pre_caption_imagecode
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
                                                 make_model, stage_param_names)
+from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.storage.checkpoints import silence_shutdown_noise
 from contextblip_jax.storage.param_dir import ParamDir, describe, load_param_dir
 
@@ -131,7 +132,10 @@ class Scorer:
       raise ValueError(f"{loaded.path}: no {', '.join(missing)} parameters to score with")
     check_shapes(self.model, {k: loaded.params[k] for k in names}, loaded.path)
     self.tokenizer = BlipTokenizer(loaded.vocab_path)
-    self.params = jax.device_put({k: loaded.params[k] for k in names})
+    params = {k: loaded.params[k] for k in names}
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # leaf by leaf, freeing each host leaf (peak: one copy of the weights, not two)
+    self.params = shd.device_put_in_place(params, jax.tree.map(lambda _: one_device, params))
     self._score = make_score_fn(self.model, dtype, attention_impl)
 
   def encode_text(self, text: str) -> tuple[str, np.ndarray, np.ndarray]:

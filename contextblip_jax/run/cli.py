@@ -27,7 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax.parallel import distributed
+from contextblip_jax.parallel import accelerator, distributed
 from contextblip_jax.storage import checkpoints
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
@@ -102,6 +102,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  accelerator.select_platform(_CONFIG.value.get("platform", "auto"))
   distributed.initialize_distributed(distributed.settings_from_flags())
   distributed.quiet_non_main_processes()
   handler = logging.get_absl_handler()
@@ -112,6 +113,7 @@ def main(argv):
   try:
     from contextblip_jax.run import validate_config  # pylint: disable=g-import-not-at-top
     validate_config.validate(_CONFIG.value)
+    accelerator.require_platform(_CONFIG.value.get("platform", "auto"))
     summary = run(_CONFIG.value, _WORKDIR.value)
   except user + known as e:
     if verbose():

@@ -27,17 +27,19 @@ import jax
 import ml_collections
 
 from contextblip_jax.data import synthetic
-from contextblip_jax.evaluation import accuracy
+from contextblip_jax.evaluation import accuracy, paper_table
 from contextblip_jax.run import evaluate, train
 from contextblip_jax.storage import lock
 from contextblip_jax.storage import workdir as wd
+from contextblip_jax.storage.atomic import atomic_file
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
 # What the demo's workdir holds besides a workdir's own entries (storage/workdir.py).
 ENTRIES = ("data", *STAGES, "predict", "report.md", "report.json")
-# Stage config fields that are locations, not inputs: left out of the fingerprints.
+# Stage config fields that say where a stage runs or finds things, not what it computes: left
+# out of the fingerprints.
 _PATH_FIELDS = (("data", "imagecode_dir"), ("data", "pairs_json"), ("init_workdir",),
-                ("compilation_cache",), ("train", "restart"))
+                ("compilation_cache",), ("train", "restart"), ("platform",))
 ROWS = (("pretrain", "zero-shot (ITM, after ContextBLIP pre-training)"),
         ("finetune1", "fine-tuned, stage 1 (per-candidate head)"),
         ("finetune2", "fine-tuned, stage 2 (inter-context encoder)"))
@@ -197,6 +199,18 @@ def table(summary: dict[str, Any]) -> str:
   return head + "\n".join(rows) + "\n"
 
 
+def paper_tables(workdir: str) -> str:
+  """The stages' valid evaluations in the paper's layout (`evaluation/paper_table.py`: Tables
+  1, 2 and 10; the synthetic descriptions are not in valid_split.json, so Table 10 only counts
+  them)."""
+  try:
+    rows = paper_table.find_reports([workdir])
+  except FileNotFoundError:
+    return ""
+  return ("## In the paper's layout\n\n(`python -m contextblip_jax.results " + workdir
+          + "` prints these tables.)\n\n" + paper_table.render(rows, paper_table.load_counts()))
+
+
 def _write_report(workdir: str, summary: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
@@ -216,7 +230,8 @@ def _write_report(workdir: str, summary: dict[str, Any]) -> None:
   board = summary.get("predict", {}).get("files", {}).get("leaderboard")
   if board:
     lines += ["", f"Test-set leaderboard JSON: `{os.path.relpath(board, workdir)}`"]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+  lines += ["", paper_tables(workdir)]
+  with atomic_file(os.path.join(workdir, "report.md")) as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, sort_keys=True, default=str)

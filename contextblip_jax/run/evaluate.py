@@ -2,7 +2,11 @@
 file: leaderboard JSON) of `python -m contextblip_jax.main`.
 
 The parameters come from `config.eval.checkpoint` (any parameter directory or stage workdir)
-or the workdir itself; outputs go to `<workdir>/eval/` (see `evaluation/loop.py`).
+or the workdir itself; outputs go to `<workdir>/eval/` (see `evaluation/loop.py`). On the
+valid split the report adds accuracy by number of propositions when a propositions file is
+found (`config.data.propositions_file`, `data/propositions.py`). With
+`config.eval.benchmark='mmvp'` (configs/mmvp.py) 'evaluate' scores the MMVP-VLM pairs of
+`config.data.mmvp_dir` instead (`evaluation/mmvp_eval.py`).
 """
 
 from __future__ import annotations
@@ -10,12 +14,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
-from contextblip_jax.data import imagecode
-from contextblip_jax.evaluation import loop, scoring
+from contextblip_jax.data import imagecode, mmvp, propositions
+from contextblip_jax.evaluation import loop, mmvp_eval, scoring
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.run.model_config import build_model
 from contextblip_jax.storage import param_dir
@@ -32,12 +34,15 @@ def load_eval_params(cfg: ml_collections.ConfigDict, workdir: str):
   mesh = shd.mesh_from_config(cfg)
   params = scoring.head_params(source.params, model, cfg.eval.head)
   shardings = scoring.param_shardings_for(model, params, mesh, cfg.sharding_rules)
-  params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+  source.params = None     # the host copy is freed leaf by leaf as it reaches the devices
+  params = shd.device_put_in_place(params, shardings)
   return model, params, mesh, shardings
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Mode 'evaluate' (labelled split: accuracy) or 'predict' (test: leaderboard JSON)."""
+  if cfg.eval.get("benchmark", "imagecode") != "imagecode":
+    return run_mmvp(cfg, workdir)
   split_name = "test" if cfg.mode == "predict" else cfg.eval.split
   name = f"{cfg.eval.head}_{split_name}"
   model, params, mesh, shardings = load_eval_params(cfg, workdir)
@@ -47,10 +52,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError("config.eval.max_sets would leave descriptions out of the leaderboard "
                        "file; use it with a labelled split only")
     split = imagecode.first_sets(split, cfg.eval.max_sets)
+  props = propositions.for_split(cfg, split_name, (e.description for e in split.examples))
   evaluator = loop.Evaluator(model, cfg.eval.head, cfg, mesh, shardings)
   out_dir = os.path.join(workdir, wd.EVAL)
   with MetricWriter(workdir, stage=cfg.mode) as writer:
-    report = loop.evaluate_split(evaluator, params, split, out_dir, name, writer)
+    report = loop.evaluate_split(evaluator, params, split, out_dir, name, writer,
+                                 propositions=props)
   if cfg.eval.visualize and split.labelled:
     from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
     report["figures"] = visualize.attention_figures(
@@ -58,3 +65,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
         mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
   return report
+
+
+def run_mmvp(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """MMVP-VLM pair accuracy of `config.eval.head` (<workdir>/eval/mmvp_<head>.*)."""
+  if cfg.eval.benchmark != "mmvp" or cfg.mode != "evaluate":
+    raise ValueError(f"config.eval.benchmark={cfg.eval.benchmark!r} with mode {cfg.mode!r}: "
+                     "known benchmarks are 'imagecode' (evaluate / predict) and 'mmvp' "
+                     "(evaluate)")
+  if not cfg.data.get("mmvp_dir"):
+    raise ValueError("config.data.mmvp_dir is required (the MMVP-VLM directory holding "
+                     f"{mmvp.QUESTIONS_FILE} and '{mmvp.IMAGE_DIR}/')")
+  bench = mmvp.read_mmvp(cfg.data.mmvp_dir,
+                         pairs_per_category=cfg.eval.get("mmvp_pairs_per_category",
+                                                         mmvp.PAIRS_PER_CATEGORY))
+  model, params, mesh, shardings = load_eval_params(cfg, workdir)
+  evaluator = mmvp_eval.MmvpEvaluator(model, cfg.eval.head, cfg, mesh, shardings)
+  return mmvp_eval.evaluate_mmvp(evaluator, params, bench, os.path.join(workdir, wd.EVAL),
+                                 f"mmvp_{cfg.eval.head}")

@@ -25,6 +25,11 @@ from contextblip_jax.storage.param_dir import ParamDir
 
 # Fields of ContextBlipConfig that a source's vision adapter fixes (taken from the source).
 ADAPTER_FIELDS = ("use_adapter", "adapter_taps", "adapter_reduction")
+# Fields that a source's TMIM decoder / context encoder fix (heads and depth; a converted
+# checkpoint of the authors has the reference's 8 heads at every size), taken from the source
+# when it holds that group.
+STAGE_FIELDS = {"visual_decoder": ("decoder_layers", "decoder_heads", "text_adapter_reduction"),
+                "context_encoder": ("context_layers", "context_heads", "num_candidates")}
 
 
 def build_model(cfg: ml_collections.ConfigDict, source: ParamDir | None = None
@@ -59,6 +64,9 @@ def model_config(cfg: ml_collections.ConfigDict, source: ParamDir | None = None
     arch: dict[str, Any] = {"blip": source.model.blip}
     if source.model.use_adapter:
       arch.update({f: getattr(source.model, f) for f in ADAPTER_FIELDS})
+    for group, fields in STAGE_FIELDS.items():
+      if source.params is not None and group in source.params:
+        arch.update({f: getattr(source.model, f) for f in fields})
     if m.dropout >= 0:
       arch["blip"] = arch["blip"].replace(text=dataclasses.replace(
           arch["blip"].text, hidden_dropout=m.dropout, attention_dropout=m.dropout))

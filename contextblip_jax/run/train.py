@@ -12,8 +12,10 @@ latest checkpoint in <workdir>/ckpt straight into the target shardings together 
 iterator position; a jitted train step with explicit shardings and donation; metrics to
 TensorBoard + metrics.jsonl and a progress line with rate and ETA; periodic asynchronous
 checkpoints; SIGTERM -> save, wait, return; fine-tuning: valid accuracy every
-`eval_every_epochs` (best exported when `select_best`). At the end: <workdir>/export (the
-stage's parameters for the next stage), a final evaluation, then DONE.json. A rerun of a
+`eval_every_epochs` (best exported when `select_best`; the last epoch a candidate only with
+`validate_last_epoch`). Trainable leaves no loss reaches are frozen first (`freeze_unreached`,
+steps.stage_freeze_rules). At the end: <workdir>/export (the stage's parameters for the next
+stage), a final evaluation, then DONE.json. A rerun of a
 finished workdir returns the recorded summary without training again.
 
 Safety (README, "Safety and errors"): the config is validated first (run/validate_config.py);
@@ -99,7 +101,7 @@ def train_pipeline(cfg: ml_collections.ConfigDict, stage: str, image_size: int,
         f"were skipped: {split.skipped[0].entry!r}: {split.skipped[0].reason}, ...)"
         if split.skipped else f"{split.source}: no description to train on")
   counts["skipped_descriptions"] = split.num_skipped_descriptions
-  return pipeline.imagecode_train_pipeline(split, **common)
+  return pipeline.imagecode_train_pipeline(split, drop_remainder=d.drop_remainder, **common)
 
 
 def _augmentation(value) -> int | str:
@@ -238,8 +240,17 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
   opt = optim.make_optimizer(cfg.optim, spe)
   init_fn = functools.partial(_init_tree, model=model, tree=PARAM_TREE[stage],
                               kernel_scale=cfg.model.init_kernel_scale)
-  freeze = [tuple(r) for r in cfg.freeze]
   rules = cfg.sharding_rules
+  loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
+                              cfg=_objective_cfg(cfg), train=True)
+  batch_abs = distributed.global_shapes(next(iter(data)), data.global_batch_size)
+  freeze, unreached = [tuple(r) for r in cfg.freeze], []
+  if cfg.freeze_unreached:          # leaves no loss reaches stay as they are (torch: grad None)
+    freeze, unreached = steps.stage_freeze_rules(loss_fn, init_fn, freeze, batch_abs,
+                                                 mesh=mesh, rules=rules)
+    if unreached:
+      distributed.log_main("%s: %d parameters no loss reaches are frozen: %s", stage,
+                           len(unreached), ", ".join(unreached))
   abstract, state_sh, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=freeze,
                                                      mesh=mesh, rules=rules)
   data_iter = iter(data)
@@ -264,9 +275,6 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
                                       compiler_options=compilation.FAST_COMPILE)
     distributed.log_main("%s: initialised (%s)", stage, f"from {source}" if source else
                          "from scratch")
-  loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
-                              cfg=_objective_cfg(cfg), train=True)
-  batch_abs = distributed.global_shapes(next(iter(data)), data.global_batch_size)
   batch_sh = shd.batch_shardings(batch_abs, mesh, rules)
   reduction = "sum" if stage.startswith("finetune") else "mean"
   step_fn = steps.make_train_step(loss_fn, opt, state_sh, batch_sh, mesh=mesh, rules=rules,
@@ -280,7 +288,7 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
   run = StageRun(cfg, workdir, stage, model, evaluator, writer, spe, total)
   start = int(state.step)
   summary: dict[str, Any] = {"stage": stage, "steps": total, "steps_per_epoch": spe,
-                             "init": source, **counts}
+                             "init": source, "frozen_unreached": unreached, **counts}
   if start == 0 and counts:
     writer.write_scalars(0, {k: float(v) for k, v in counts.items()})
   progress = Progress(total, stage, initial=start, every=cfg.train.log_every)
@@ -446,7 +454,10 @@ def _finish(run: StageRun, state, meta: dict[str, Any]) -> dict[str, Any]:
     report = evaluator(state, f"{evaluator.head}_valid", run.writer, total)
     out["valid"] = _compact(report)
     acc = report["all"]["acc"]
-    if cfg.train.select_best and acc > meta.get("best_acc", -1.0):
+    # train.validate_last_epoch=False (the reference): the last parameters are reported, not
+    # a candidate for the best export
+    if (cfg.train.select_best and cfg.train.validate_last_epoch
+        and acc > meta.get("best_acc", -1.0)):
       meta = {**meta, "best_acc": acc, "best_step": total}
       run.export(state, total, valid_acc=acc)
     out["best_valid_acc"], out["best_step"] = meta.get("best_acc"), meta.get("best_step")
@@ -458,8 +469,8 @@ def _finish(run: StageRun, state, meta: dict[str, Any]) -> dict[str, Any]:
           os.path.join(run.workdir, wd.EVAL, f"{evaluator.head}_attention"),
           num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
           mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
-  if not (cfg.train.select_best and evaluator.enabled):
-    run.export(state, total)
+  if not (cfg.train.select_best and evaluator.enabled) or meta.get("best_step", -1) < 0:
+    run.export(state, total)          # (also when no epoch was validated for selection)
   out["export"] = os.path.join(run.workdir, wd.EXPORT)
   return out
 

@@ -3,8 +3,10 @@ names every bad key (with its value and what it must be), so a run never trains 
 (a negative step count, a NaN learning rate, no checkpoints kept) and never dies later with a
 bare ZeroDivisionError.
 
-Checked: the mode; train counts (batch_size, num_epochs / num_steps, accum_steps dividing the
-batch, log_every, save_every, keep_checkpoints >= 1, eval_every_epochs); every optimizer
+Checked: the mode; the platform (auto | cpu | gpu | tpu); train counts (batch_size,
+num_epochs / num_steps, accum_steps dividing the batch, log_every, save_every,
+keep_checkpoints >= 1, eval_every_epochs); the booleans train.validate_last_epoch,
+data.drop_remainder (True for backbone / pretrain) and freeze_unreached; every optimizer
 learning rate (finite and > 0) and the other optimizer numbers (finite, in range); data
 (on_error, max_length, reader threads, min_scale, augmentation); eval (head, split,
 sets_per_batch, max_sets, visualize); the objective's numbers and choices; the freeze rules;
@@ -22,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from contextblip_jax.parallel import accelerator
 from contextblip_jax.training import masking
 
 MODES = ("backbone", "pretrain", "finetune1", "finetune2", "evaluate", "predict", "demo")
@@ -89,6 +92,8 @@ def _collect(cfg, prefix: str, num_devices: int | None) -> list[str]:
   if mode not in MODES:
     p.add("mode", mode, f"must be one of {', '.join(MODES)}")
     return p.items
+  if cfg.get("platform", "auto") not in accelerator.PLATFORMS:
+    p.add("platform", cfg.get("platform"), f"must be one of {', '.join(accelerator.PLATFORMS)}")
   if mode == "demo":
     for name, stage in (cfg.get("stages") or {}).items():
       p.items += _collect(stage, f"{prefix}stages.{name}.", num_devices)
@@ -118,6 +123,12 @@ def _train(p: _Problems, cfg) -> None:
   b, a = t.batch_size, t.accum_steps
   if isinstance(b, int) and isinstance(a, int) and b >= 1 and a >= 1 and b % a:
     p.add("train.batch_size", b, f"must be divisible by train.accum_steps={a}")
+  for key in ("train.validate_last_epoch", "data.drop_remainder", "freeze_unreached"):
+    if _get(cfg, key) is not None and not isinstance(_get(cfg, key), bool):
+      p.add(key, _get(cfg, key), "must be True or False")
+  if cfg.mode in ("backbone", "pretrain") and _get(cfg, "data.drop_remainder") is False:
+    p.add("data.drop_remainder", False, f"must be True for mode {cfg.mode!r} (its losses pair "
+          "the rows of a batch: in-batch hard negatives; only fine-tuning keeps a partial batch)")
 
 
 def _optim(p: _Problems, o) -> None:
@@ -160,7 +171,7 @@ def _eval(p: _Problems, e) -> None:
     p.add("eval.head", e.head, f"must be one of {', '.join(HEADS)}")
   if e.split not in SPLITS:
     p.add("eval.split", e.split, f"must be one of {', '.join(SPLITS)}")
-  for key, low in (("sets_per_batch", 1), ("max_sets", 0), ("visualize", 0)):
+  for key, low in (("sets_per_batch", 0), ("max_sets", 0), ("visualize", 0)):
     v = e.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       p.add(f"eval.{key}", v, f"must be an integer >= {low}")

@@ -20,7 +20,11 @@ Losses:
   finetune_stage1_loss  CE over the K candidates, SUM over the G examples (SPEC §6.2).
   finetune_stage2_loss  inter-context encoder on frozen stage-1 features, SUM over G (§6.3).
                         batch {"images" [G,K,S,S,3], "input_ids" [G,T], "attention_mask" [G,T],
-                        "label" [G] i32, "is_video" [G] bool}
+                        "label" [G] i32, "is_video" [G] bool, optional "example_mask" [G]
+                        bool: False on the rows padding an epoch's last, partial batch;
+                        they add nothing to the loss, its gradients or the counts, so
+                        the loss is the SUM over the real rows (the reference's partial
+                        batch); absent = every row is real}
 The fine-tuning losses read the candidates through `ContextBlip.encode_candidates` +
 `candidate_states`; evaluation scores are the model's `candidate_scores` on the same
 embeddings (called by evaluation/scoring.py), not a function of this module.
@@ -205,6 +209,7 @@ def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
 
 # ------------------------------------------------------------------ (c) fine-tuning
 _FINETUNE_KEYS = ("images", "input_ids", "attention_mask", "label", "is_video")
+EXAMPLE_MASK = "example_mask"   # optional batch key (data/pipeline.py EXAMPLE_MASK)
 
 
 def _candidate_features(params, batch, *, model, deterministic, rng):
@@ -215,12 +220,21 @@ def _candidate_features(params, batch, *, model, deterministic, rng):
   return l2_normalize(enc)
 
 
-def _candidate_loss(logits, labels):
+def _candidate_loss(logits, labels, example_mask=None):
+  """SUM of the per-example CE over the real rows (`example_mask`; None = all rows), and the
+  metrics over those rows: loss_mean = loss / count, accuracy = correct / count."""
   per_example = losses.candidate_cross_entropy(logits, labels)            # [G]
   hits = losses.correct(logits, labels)
-  loss = jnp.sum(per_example)
-  return loss, {"loss": loss, "loss_mean": jnp.mean(per_example), "accuracy": jnp.mean(hits),
-                "correct": jnp.sum(hits), "num_examples": jnp.float32(labels.shape[0])}
+  if example_mask is None:
+    real, count = jnp.ones(labels.shape, bool), jnp.float32(labels.shape[0])
+  else:
+    real = jnp.asarray(example_mask).astype(bool)
+    count = jnp.sum(real.astype(jnp.float32))
+  loss = jnp.sum(jnp.where(real, per_example, 0.0))    # padding rows: no value, no gradient
+  correct = jnp.sum(jnp.where(real, hits, 0.0))
+  denom = jnp.maximum(count, 1.0)
+  return loss, {"loss": loss, "loss_mean": loss / denom, "accuracy": correct / denom,
+                "correct": correct, "num_examples": count}
 
 
 def finetune_stage1_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
@@ -231,7 +245,7 @@ def finetune_stage1_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
   feat = _candidate_features(params, batch, model=model, deterministic=not train,
                              rng=fold(rng, "dropout"))
   logits = _apply(model, params, ContextBlip.stage1_logits, feat)
-  return _candidate_loss(logits, batch["label"])
+  return _candidate_loss(logits, batch["label"], batch.get(EXAMPLE_MASK))
 
 
 def finetune_stage2_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
@@ -246,7 +260,7 @@ def finetune_stage2_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
       rng=fold(drop, "stage1")))
   logits = _apply(model, params, ContextBlip.stage2_logits, feat, batch["is_video"],
                   not train, rng=fold(drop, "context"))
-  return _candidate_loss(logits, batch["label"])
+  return _candidate_loss(logits, batch["label"], batch.get(EXAMPLE_MASK))
 
 
 LOSSES = {

@@ -14,7 +14,9 @@ Three kinds, chosen by `config.kind`:
 * `adamw_cosine`: generic AdamW with linear warm-up and cosine decay (BLIP-from-scratch demo).
 
 `make_optimizer(config, steps_per_epoch)` returns an `Optimizer(tx, schedules)`; `schedules`
-maps a name to the lr schedule so the training step can log the current lrs.
+maps a name to the lr schedule so the training step can log the current lrs. steps_per_epoch
+is the input pipeline's: ceil(N / B) when fine-tuning keeps an epoch's partial last batch
+(461 at 16,594 / 36, the reference's), floor(N / B) when it is dropped (pre-training).
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ examples spread over all data-parallel devices), gradients, losses and metrics a
   reduction="sum"  (fine-tuning: the loss is a sum over examples)  -> loss and gradients as is;
   reduction="mean" (pre-training: the loss is a batch mean)        -> both divided by a;
   metrics named in `sum_metrics` (counts: "correct", "num_examples") stay sums, all other
-  metrics (means, accuracies) are divided by a.
+  metrics (means, accuracies) are divided by a; where the counts are there, "accuracy" and
+  "loss_mean" are then taken from the sums (correct / num_examples, loss / num_examples), so
+  micro-batches with fewer real rows (a padded last batch) weigh by their rows.
 For a deterministic loss that decomposes over examples, both give exactly the un-accumulated
 step (tested). Losses that couple examples (in-batch hard negatives) then see a pool of B/a
 examples, as under per-device sampling, and micro-batch i draws its randomness from
@@ -52,8 +54,8 @@ from jax.sharding import NamedSharding
 
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.training.optim import Optimizer
-from contextblip_jax.training.train_state import (FreezeRules, TrainState, merge_params,
-                                         partition_params)
+from contextblip_jax.training.train_state import (FreezeRules, TrainState, freeze_unreached,
+                                         merge_params, partition_params, unreached_paths)
 
 # Metrics that are sums over the examples of a batch (summed over micro-batches, not averaged).
 SUM_METRICS = ("loss", "correct", "num_examples")
@@ -190,6 +192,25 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, *,
   return state, shardings
 
 
+def stage_freeze_rules(loss_fn: LossFn, init_fn: Callable[[jax.Array], Any],
+                       freeze_rules: FreezeRules, batch: Any, *, mesh: jax.sharding.Mesh,
+                       rules=None) -> tuple[list[tuple[str, str]], list[str]]:
+  """The freeze rules a stage trains with: `freeze_rules` plus, in front, one exact freeze
+  rule per trainable leaf that no differentiable path connects to `loss_fn`'s loss
+  (`train_state.unreached_paths`; torch leaves their gradient None and its optimizer skips
+  them). Nothing is allocated: the parameters and `batch` are abstract.
+
+  Returns (rules, the '/'-paths frozen for that reason).
+  """
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  trainable, frozen = partition_params(nn.unbox(boxed), freeze_rules)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  fn = shd.with_mesh_rules(loss_fn, mesh, rules)
+  paths = unreached_paths(fn, trainable, frozen, abstract,
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return freeze_unreached(freeze_rules, paths), paths
+
+
 # ----------------------------------------------------------------------------- steps
 
 def _micro_batches(batch: Any, accum_steps: int) -> Any:
@@ -234,6 +255,12 @@ def loss_and_grads(trainable: Any, frozen: Any, batch: Any, rng: jax.Array, *, l
   if reduction == "mean":
     loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
   metrics = {k: v if k in sum_metrics else v / accum_steps for k, v in metrics.items()}
+  if "num_examples" in metrics:
+    count = jnp.maximum(metrics["num_examples"], 1.0)
+    if "correct" in metrics and "accuracy" in metrics:
+      metrics["accuracy"] = metrics["correct"] / count
+    if reduction == "sum" and "loss_mean" in metrics:
+      metrics["loss_mean"] = loss / count
   return (loss, metrics), grads
 
 

@@ -8,6 +8,18 @@ nested dicts (trainable, frozen) that `merge_params` joins again. The optimizer 
 the trainable tree, so frozen parameters carry no optimizer state and are never updated, and
 gradients are taken only with respect to the trainable tree (no backward pass through frozen
 sub-networks whose inputs do not depend on trainable parameters).
+
+Parameters no loss reaches (`unreached_paths`, `freeze_unreached`): a trainable leaf that no
+differentiable path connects to the loss (stage 1 never calls `itm_head`, `vision_proj` or
+`text_proj`) has no gradient in the reference (torch leaves `.grad` None, and Adam / AdamW
+skip it), while a JAX gradient is a zero array that coupled-L2 decay (stage 1) or decoupled
+AdamW decay (pre-training) would turn into an update. The training loop therefore finds those
+leaves from the stage's loss (a dependence analysis of the loss's JVP program: a tangent that
+never reaches the loss's tangent is a leaf torch would leave without a gradient) and prepends
+one exact ('freeze') rule per leaf to the configured rules (`config.freeze_unreached`), so
+they stay bit-identical and carry no optimizer state. A leaf with a structural path whose
+gradient happens to be numerically zero (a shared bias under a softmax) still trains, as in
+torch.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 from flax import traverse_util
+from jax.extend import core as jcore
 
 Params = Any
 FreezeRules = Sequence[tuple[str, str]]
@@ -81,6 +94,84 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
   if both:
     raise ValueError(f"paths both trainable and frozen: {both[:5]}")
   return traverse_util.unflatten_dict({**a, **b}, sep="/")
+
+
+# ----------------------------------------------------------------------------- reachability
+
+# Calls whose sub-program maps its inputs and outputs one to one are followed precisely; any
+# other equation (scan, while, cond, custom derivative rules, ...) is taken as connecting each
+# of its inputs to each of its outputs (conservative: a leaf is never wrongly found unreached).
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint")
+
+
+def _sub_jaxpr(eqn) -> Any:
+  """The one-to-one sub-program of a call-like equation, or None."""
+  if eqn.primitive.name not in _CALLS:
+    return None
+  for key in ("jaxpr", "call_jaxpr"):
+    sub = eqn.params.get(key)
+    if isinstance(sub, jcore.ClosedJaxpr):
+      sub = sub.jaxpr
+    if (isinstance(sub, jcore.Jaxpr) and len(sub.invars) == len(eqn.invars)
+        and len(sub.outvars) == len(eqn.outvars)):
+      return sub
+  return None
+
+
+def _sources(jaxpr, in_sets: Sequence[int]) -> list[int]:
+  """Forward dependence through `jaxpr`: each input carries a bit set (a Python int) of the
+  sources it depends on; returns the bit set of every output."""
+  env: dict[Any, int] = {}
+
+  def read(v) -> int:
+    return 0 if isinstance(v, jcore.Literal) else env.get(v, 0)
+  for v, bits in zip(jaxpr.invars, in_sets):
+    env[v] = bits
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    sub = _sub_jaxpr(eqn)
+    if sub is not None:
+      outs = _sources(sub, ins)
+    else:
+      union = 0
+      for bits in ins:
+        union |= bits
+      outs = [union] * len(eqn.outvars)
+    for v, bits in zip(eqn.outvars, outs):
+      if not isinstance(v, jcore.DropVar):
+        env[v] = bits
+  return [read(v) for v in jaxpr.outvars]
+
+
+def unreached_paths(loss_fn, trainable: Params, frozen: Params, *args) -> list[str]:
+  """'/'-paths of the leaves of `trainable` that no differentiable path connects to the loss.
+
+  `loss_fn(params, *args) -> (loss, aux)` (the training steps' signature); every argument
+  may be abstract (`jax.ShapeDtypeStruct`): only programs are traced, nothing runs. The
+  loss's JVP with respect to `trainable` is traced and each tangent input is followed forward
+  through the program (stop_gradient, integer outputs and unused branches carry no tangent,
+  so JAX leaves no equation connecting them).
+  """
+  _flatten(trainable)
+  with_paths = jax.tree_util.tree_flatten_with_path(trainable)[0]
+  if not with_paths:
+    return []
+  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in with_paths]
+
+  def tangent_of_loss(tr, tangents, fr, rest):
+    f = lambda t: loss_fn(merge_params(t, fr), *rest)[0]
+    return jax.jvp(f, (tr,), (tangents,))[1]
+  jaxpr = jax.make_jaxpr(tangent_of_loss)(trainable, trainable, frozen, args).jaxpr
+  n = len(names)
+  # inputs: the n primal leaves, the n tangents (both in tree_leaves order), then the rest
+  in_sets = [0] * n + [1 << i for i in range(n)]
+  (reached,) = _sources(jaxpr, in_sets + [0] * (len(jaxpr.invars) - 2 * n))
+  return [name for i, name in enumerate(names) if not reached >> i & 1]
+
+
+def freeze_unreached(rules: FreezeRules, unreached: Sequence[str]) -> list[tuple[str, str]]:
+  """`rules` with one exact freeze rule per unreached path in front (first match wins)."""
+  return [(re.escape(p), "freeze") for p in unreached] + [tuple(r) for r in rules]
 
 
 @flax.struct.dataclass

@@ -4,7 +4,7 @@ Builds random-weight transformers `BlipForImageTextRetrieval` models from explic
 (vision LayerNorm eps 1e-6 and text heads set, dropout 0) and writes them as a HF directory,
 an original Salesforce-format `.pth` (keys renamed back by `hf_key_to_original`, written here
 independently of the converter's table, plus keys from the groups the converter must ignore)
-or a ContextBLIP checkpoint (`pretrained_blip.` prefix, adapter and TMIM keys).
+or a ContextBLIP checkpoint (`pretrained_blip.` prefix, adapter keys).
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ def original_state_dict(model: BlipForImageTextRetrieval, extras: bool = True
 
 def contextblip_state_dict(model: BlipForImageTextRetrieval, num_taps: int = 4,
                            reduction: int = 2, seed: int = 2) -> dict[str, torch.Tensor]:
-  """A ContextBLIP checkpoint: BLIP_Base under `pretrained_blip.`, the multi-scale adapter
-  (`vision_adapter.down.{i}.fc.0.weight` [D/delta, D], `up.fc.0.weight` [D, n*D/delta]) and
-  TMIM modules (text_adapter, visual_decoder, decoder_pos_embed, recon_head, mask_embed)."""
+  """A ContextBLIP checkpoint without TMIM (contextual_new.py Adapter_BLIP): BLIP_Base under
+  `pretrained_blip.` and the multi-scale adapter (`vision_adapter.down.{i}.fc.0.weight`
+  [D/delta, D], `up.fc.0.weight` [D, n*D/delta]). Checkpoints of every stage, TMIM modules
+  included, are built in tests/test_weight_convert_stages.py."""
   g = torch.Generator().manual_seed(seed)
   sd = {f"pretrained_blip.{k}": v for k, v in original_state_dict(model, extras=False).items()}
   sd["pretrained_blip.text_encoder.embeddings.position_ids"] = torch.arange(8)[None]
@@ -121,12 +122,6 @@ def contextblip_state_dict(model: BlipForImageTextRetrieval, num_taps: int = 4,
   for i in range(num_taps):
     sd[f"vision_adapter.down.{i}.fc.0.weight"] = torch.randn(r, d, generator=g)
   sd["vision_adapter.up.fc.0.weight"] = torch.randn(d, num_taps * r, generator=g)
-  sd["text_adapter.down.fc.0.weight"] = torch.randn(r, d, generator=g)
-  sd["visual_decoder.layer.0.attention.self.query.weight"] = torch.randn(d, d, generator=g)
-  sd["decoder_pos_embed"] = torch.randn(1, 16, d, generator=g)
-  sd["recon_head.weight"] = torch.randn(d, d, generator=g)
-  sd["recon_head.bias"] = torch.zeros(d)
-  sd["mask_embed"] = torch.randn(1, 1, d, generator=g)
   return sd
 
 
