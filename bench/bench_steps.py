@@ -41,7 +41,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]      # SPEC §3.9
+PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]      # docs/method.md#freezing
 STAGE1_RULES = [("context_encoder/.*", "freeze"), (".*", "train")]
 STAGE2_RULES = [("context_encoder/.*", "train"), (".*", "freeze")]
 STEPS = {   # name -> (objective, parameter stage, freeze rules, optimizer kind, loss reduction)

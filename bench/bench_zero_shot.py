@@ -14,7 +14,7 @@ inference_mode) eager and under `torch.compile`, with the same weights (a random
 BLIP-base at 224 px, converted by `weight_convert`), scoring one description at a time against
 its 10 images, as the authors' code does.
 
-Benchmark 1 - ten-candidate groups, one description per set (SPEC §7.2): --groups sets (one
+Benchmark 1 - ten-candidate groups, one description per set (docs/method.md#zero-shot): --groups sets (one
 description each) per timed run, softmax(ITM)[:, 1] of the 10 images. Figure: groups/second.
 Benchmark 2 - several descriptions per set: 5 IMAGECODE valid sets with 1, 2, 2, 3, 3
 descriptions (mean 2.2, the valid split's 2.22), one evaluation batch (descriptions padded to 3,

@@ -34,7 +34,7 @@ import numpy as np
 
 ENC_TOKEN_ID = 30523
 VOCAB_SIZE = 30524
-TEXT_LENGTH = 30          # ContextBLIP pads descriptions to 30 tokens (SPEC §2.2)
+TEXT_LENGTH = 30          # ContextBLIP pads descriptions to 30 tokens (docs/method.md#tokenizer)
 GROUP = 10                # IMAGECODE candidates per set
 
 

@@ -75,9 +75,9 @@ def model_config(variant: str = "B/16", image_size: int = 224) -> ml_collections
   m.patch_size = 0               # ViT patch side
   m.use_adapter = True           # multi-scale adapter on the ViT (False: plain BLIP)
   m.adapter_taps = ()            # 1-based ViT blocks tapped; () = the variant's default
-  m.adapter_reduction = 2        # delta of the adapter (SPEC §10 item 1)
+  m.adapter_reduction = 2        # delta of the adapter (docs/decisions.md item 1)
   m.use_tmim = True              # build the TMIM modules (decoder, mask token; pre-training)
-  m.reference_patch_layout = False   # reproduce the released code's patch scramble (§10 item 7)
+  m.reference_patch_layout = False   # reproduce the released code's patch scramble (docs/decisions.md item 7)
   m.context_layers = 2           # inter-context encoder depth (stage 2)
   m.dropout = -1.0               # text/context dropout override; <0 keeps the variant's 0.1
   m.init_kernel_scale = 1.0      # from-scratch init: ViT/text 2-D kernels x this (BERT/ViT
@@ -141,8 +141,8 @@ def train_config() -> ml_collections.ConfigDict:
                                  # or stop saying what was found
   t.eval_every_epochs = 0        # fine-tuning: valid accuracy every this many epochs (0 = end)
   t.select_best = False          # export the best-valid parameters instead of the last
-  t.validate_last_epoch = False  # select_best candidates: False = the reference's (SPEC
-                                 # §6.2: validation after epochs 0..E-2; the last parameters
+  t.validate_last_epoch = False  # select_best candidates: False = the reference's (docs/decisions.md
+                                 # item 23: validation after epochs 0..E-2; the last parameters
                                  # are evaluated and reported, never selected) | True = the
                                  # last parameters are a candidate too
   t.compile_report = True        # AOT-compile the step first and log memory / FLOPs
@@ -165,13 +165,13 @@ def eval_config(head: str = "zero_shot") -> ml_collections.ConfigDict:
 
 def objective_config() -> ml_collections.ConfigDict:
   o = ml_collections.ConfigDict()
-  o.frozen_dropout = True        # dropout active in frozen modules while training (§10 item 16)
+  o.frozen_dropout = True        # dropout active in frozen modules while training (docs/decisions.md item 16)
   o.itc_temperature = 0.07       # backbone ITC temperature
   o.negatives_group_size = 0     # hard negatives within groups of this many rows (0 = batch)
   o.hard_negative_scale = 1.0    # backbone: sampling sims x this (0 = random negatives)
   o.mask_group_size = 0          # rows sharing one TMIM text position (0 = batch)
-  o.mask_ratio = masking.DEFAULT_MASK_RATIO  # pi of TMIM; 0 = ITM-only pre-training (§10 13)
-  o.mask_token_choice = "reference"  # TMIM attention source (SPEC §10 item 5)
+  o.mask_ratio = masking.DEFAULT_MASK_RATIO  # pi of TMIM; 0 = ITM-only pre-training (docs/decisions.md item 13)
+  o.mask_token_choice = "reference"  # TMIM attention source (docs/decisions.md item 5)
   o.random_mask = False          # uniform random mask instead of attention top-M
   o.mask_noise = 0.02            # U(0, noise) tie-breaking noise on the patch scores
   return o

@@ -1,4 +1,4 @@
-"""IMAGECODE fine-tuning, stage 1 (SPEC §6.2, §7.3): whole BLIP + adapter + Linear(768, 1).
+"""IMAGECODE fine-tuning, stage 1 (docs/method.md#stage-1): whole BLIP + adapter + Linear(768, 1).
 
 Coupled-L2 Adam, lr blip 2e-6 / head 1e-4, 0.95**epoch, 40 epochs of 36 summed examples, the
 best valid epoch exported. Start from a pretrain workdir (`--config.init_workdir=DIR`).
@@ -6,7 +6,7 @@ As in the reference: an epoch is ceil(16,594 / 36) = 461 steps, the last one of 
 (`data.drop_remainder=True`: 460); the best of the validations after epochs 0..38 is exported
 (`train.validate_last_epoch=True` lets the last epoch compete); `itm_head`, `vision_proj` and
 `text_proj`, which no stage-1 loss reaches, stay as loaded (`freeze_unreached`).
-Variants: ':tiny', ':noflip' (augmentation 1; SPEC §10 item 12), ':steps=N'.
+Variants: ':tiny', ':noflip' (augmentation 1; docs/decisions.md item 12), ':steps=N'.
 """
 
 from configs import common
@@ -19,7 +19,7 @@ def get_config(arg=None):
                                  # faster at the same step time (bench/README.md); parameters
                                  # in the other layout are converted on load
   c.optim = common.optim.default_config("finetune_stage1")
-  c.train.batch_size = 36        # examples per update, losses summed (SPEC §10 item 17)
+  c.train.batch_size = 36        # examples per update, losses summed (docs/decisions.md item 17)
   c.train.accum_steps = 1        # raise to fit memory; the sum is unchanged
   c.train.num_epochs = 40        # epochs over the 16,594 train descriptions
   c.train.eval_every_epochs = 1  # valid accuracy each epoch (model selection; not after

@@ -1,7 +1,7 @@
-"""IMAGECODE fine-tuning, stage 2 (SPEC §6.3): inter-context encoder on frozen stage-1 features.
+"""IMAGECODE fine-tuning, stage 2 (docs/method.md#stage-2): inter-context encoder on frozen stage-1 features.
 
 Only the 2-layer context Transformer and its 10 position embeddings train (lr 2e-6 by default,
-SPEC §10 item 11 suggests sweeping {2e-6, 1e-4}: ':lr=1e-4'); 20 epochs; the stage-1 head is
+docs/decisions.md item 11 suggests sweeping {2e-6, 1e-4}: ':lr=1e-4'); 20 epochs; the stage-1 head is
 frozen. Start from a stage-1 workdir (`--config.init_workdir=DIR`). Epochs, the partial last
 batch and model selection as in stage 1 (461 steps per epoch; the best of the validations after
 epochs 0..18). Variants: ':tiny', ':steps=N', ':lr=X'.
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.train.eval_every_epochs = 1
   c.train.select_best = True
   c.train.save_every = 461       # one checkpoint per epoch (ceil(16,594 / 36) steps)
-  c.freeze = [("context_encoder/.*", "train"), (".*", "freeze")]   # SPEC §3.9
+  c.freeze = [("context_encoder/.*", "train"), (".*", "freeze")]   # docs/method.md#freezing
   c.data.imagecode_dir = ""      # REQUIRED
   c.eval.head = "stage2"
   if a.tiny:

@@ -1,9 +1,9 @@
-"""ContextBLIP pre-training (SPEC §7.1): L_itm (hard negatives) + L_tmim on COCO + VG pairs.
+"""ContextBLIP pre-training (docs/method.md#pre-training): L_itm (hard negatives) + L_tmim on COCO + VG pairs.
 
-BLIP is frozen; the multi-scale adapter and the TMIM modules train (SPEC §3.9). Start from the
+BLIP is frozen; the multi-scale adapter and the TMIM modules train (docs/method.md#freezing). Start from the
 converted `model_base.pth` (`--config.init_checkpoint=DIR`) or a backbone workdir
-(`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (no TMIM, ITM only; SPEC §10
-item 13), ':steps=N'.
+(`--config.init_workdir=DIR`). Variants: ':tiny', ':nomim' (no TMIM, ITM only;
+docs/decisions.md item 13), ':steps=N'.
 Each epoch drops its last partial batch, as BLIP's `drop_last` loaders do
 (`data.drop_remainder` must stay True here: the losses pair the rows of a batch).
 """
@@ -24,8 +24,8 @@ def get_config(arg=None):
   if a.nomim:                    # ITM only: no TMIM modules, no masking
     c.model.use_tmim = False
     c.objective.mask_ratio = 0.0
-  c.freeze = [("pretrained_blip/.*", "freeze"), (".*", "train")]   # SPEC §3.9
-  c.objective.negatives_group_size = 256   # hard negatives within each GPU's batch (§10 item 10)
+  c.freeze = [("pretrained_blip/.*", "freeze"), (".*", "train")]   # docs/method.md#freezing
+  c.objective.negatives_group_size = 256   # hard negatives within each GPU's batch (docs/decisions.md item 10)
   c.objective.mask_group_size = 256        # one TMIM text position per GPU's batch
   c.data.pairs_json = ""         # REQUIRED: comma-separated pair files, e.g. coco.json,vg.json
   c.data.augmentation = "0"       # RandomResizedCrop(0.2-1) + flip + RandAugment(2, 5)

@@ -1,6 +1,7 @@
-"""Zero-shot IMAGECODE evaluation (SPEC §7.2): ITM softmax[:, 1], argmax over the 10 images.
+"""Zero-shot IMAGECODE evaluation (docs/method.md#zero-shot): ITM softmax[:, 1], argmax over the 10 images.
 
-Paper reference on valid: 31.06% (pi 0.25, delta 2; SPEC §9.7).
+Paper reference on valid: 31.06% (pi 0.25, delta 2;
+docs/method.md#paper-numbers).
   --config configs/zeroshot.py --config.eval.checkpoint=PRETRAIN_WORKDIR
   --config configs/zeroshot.py:test   (leaderboard JSON for test_data_unlabeled.json)
 """

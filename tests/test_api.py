@@ -4,10 +4,12 @@ README's "Python API" example run as written, in a directory holding the files t
 the evaluation step's; bad input names the argument."""
 
 import doctest
+import functools
 import os
 import re
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,12 +28,12 @@ pytestmark = pytest.mark.usefixtures("xla_optimisations_off")
 
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory):
-  """The files the examples name: ckpt/blip_tiny and ckpt/blip_base (a random tiny BLIP
-  with a vision adapter, as a converted directory), runs/finetune2 (a random tiny stage-2
+  """The files the examples name: ckpt/blip_tiny and ckpt/blip_base (the same random tiny
+  BLIP, as a converted directory: one compilation serves both), runs/finetune2 (a random tiny stage-2
   workdir), img0.png ... img5.png and img0.jpg ... img2.jpg (random RGB, various sizes)."""
   root = tmp_path_factory.mktemp("api")
   os.makedirs(root / "ckpt")
-  make_tiny_checkpoint(root / "ckpt", with_adapter=True, seed=0, name="blip_tiny")
+  make_tiny_checkpoint(root / "ckpt", with_adapter=False, seed=0, name="blip_tiny")
   make_tiny_checkpoint(root / "ckpt", with_adapter=False, seed=0, name="blip_base")
   make_export(root / "runs" / "finetune2", "finetune2", seed=3, step=7)
   rng = np.random.default_rng(0)
@@ -85,49 +87,53 @@ def test_readme_example_runs(in_example_dir, capsys):
   assert all(r.scores.shape[1] == 10 for r in scope["ranked"])
 
 
-def test_score_equals_scoring_command_and_rank_equals_evaluation_step(in_example_dir):
+@pytest.fixture(scope="module")
+def finetune2(example_dir):
+  """The stage-2 workdir, loaded once for the tests below."""
+  return contextblip_jax.load(str(example_dir / "runs" / "finetune2"))
+
+
+def test_score_equals_scoring_command_and_rank_equals_evaluation_step(in_example_dir,
+                                                                      finetune2):
   """score() is the Scorer's output; rank() is score_batch's on the same batch."""
-  model = contextblip_jax.load("runs/finetune2")
-  assert model.heads == ("zero_shot", "stage1", "stage2")
+  model = finetune2
+  assert model.heads == ("zero_shot", "stage1", "stage2") and model.default_head == "stage2"
   paths = [f"img{i}.png" for i in range(4)]
   s = model.score("the red circle", paths, head="stage1")
   ref = model.scorer.score_files(paths, "the red circle")
   np.testing.assert_allclose(s.itm_prob, [im["itm_prob"] for im in ref["images"]], atol=1e-6)
   np.testing.assert_allclose(s.itc_sim, [im["itc_sim"] for im in ref["images"]], atol=1e-6)
-  assert s.caption == ref["caption"]
+  assert s.caption == ref["caption"] and s.head == "stage1" and s.scores.shape == (4,)
 
   # the same set as a zero-shot ranking: ITM probabilities equal score()'s
   r = model.rank(["the red circle"], [paths], head="zero_shot")[0]
   np.testing.assert_allclose(r.scores[0], s.itm_prob, atol=1e-5)
 
-  # stage 2 through rank() equals score_batch on the set, uint8 arrays as files give
+  # stage 2 through rank() equals score_batch on the set; uint8 arrays give what files give
+  texts = ["the red circle", "a blue square"]
   arrays = [np.asarray(Image.open(p)) for p in paths]
-  r2 = model.rank([["the red circle", "a blue square"]], [arrays], head="stage2",
-                  is_video=True)[0]
+  r2 = model.rank([texts], [arrays], head="stage2", is_video=True)[0]
   loaded = load_param_dir("runs/finetune2")
   m = ContextBlip(loaded.model)
-  ids, mask = model.scorer.encode_texts(["the red circle", "a blue square"])[1:]
+  ids, mask = model.scorer.encode_texts(texts)[1:]
   pixels = preprocess.load_images(paths, model.image_size)
   batch = {"images": pixels[None], "input_ids": ids[None], "attention_mask": mask[None],
            "is_video": np.array([True]), "desc_mask": np.ones((1, 2), bool),
            "example_index": np.arange(2)[None], "set_mask": np.array([True])}
-  want, _ = scoring.score_batch(scoring.head_params(loaded.params, m, "stage2"), batch,
-                                model=m, head="stage2")
+  step = jax.jit(functools.partial(scoring.score_batch, model=m, head="stage2"))
+  want, _ = step(scoring.head_params(loaded.params, m, "stage2"), batch)
   np.testing.assert_allclose(r2.scores, np.asarray(want)[0], atol=1e-5)
-  assert r2.scores.shape == (2, 4) and r2.best.shape == (2,)
-  # the video flag reaches the context encoder
-  r3 = model.rank([["the red circle", "a blue square"]], [arrays], head="stage2")[0]
-  assert np.abs(r3.scores - r2.scores).max() > 1e-6
+  assert r2.scores.shape == (2, 4) and r2.best.shape == (2,) and r2.texts == tuple(texts)
 
-  # ragged sets, several batches: each set's scores as when ranked alone
-  sets = [paths[:3], paths, paths[1:4], paths[:2], paths]
-  texts = ["a", ["b", "c"], "d", "e", ["f", "g", "h"]]
-  small = api.load("runs/finetune2", sets_per_batch=2)
-  ranked = small.rank(texts, sets, head="stage1")
-  for t, imgs, got in zip(texts, sets, ranked):
-    alone = small.rank([t], [imgs], head="stage1")[0]
-    np.testing.assert_allclose(got.scores, alone.scores, atol=1e-5)
-    assert got.texts == ((t,) if isinstance(t, str) else tuple(t))
+  # several sets of different sizes in one call: each set's scores as when scored alone,
+  # the video flag per set reaching the context encoder
+  three = model.score("a red square", paths[:3], is_video=False)
+  ranked = model.rank([texts, "a red square", texts], [paths, paths[:3], arrays],
+                      is_video=[True, False, False])
+  np.testing.assert_allclose(ranked[0].scores, r2.scores, atol=1e-5)
+  np.testing.assert_allclose(ranked[1].scores[0], three.scores, atol=1e-5)
+  assert three.head == "stage2" and ranked[1].texts == ("a red square",)
+  assert np.abs(ranked[2].scores - r2.scores).max() > 1e-6      # not a video set
 
 
 def test_image_inputs_are_equivalent(in_example_dir):
@@ -159,10 +165,9 @@ def test_image_inputs_are_equivalent(in_example_dir):
     (lambda m: m.rank(["a"], [["img0.png"]], is_video=[True, False]), r"is_video has 2"),
     (lambda m: m.score("a", ["img0.png"], head="stage3"), r"head 'stage3' is not one of"),
 ])
-def test_errors_name_the_argument(in_example_dir, call, match):
-  model = contextblip_jax.load("runs/finetune2")
+def test_errors_name_the_argument(in_example_dir, finetune2, call, match):
   with pytest.raises((ValueError, TypeError, preprocess.ImageLoadError), match=match):
-    call(model)
+    call(finetune2)
 
 
 def test_load_errors_and_heads(in_example_dir, tmp_path):

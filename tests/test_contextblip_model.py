@@ -1,5 +1,5 @@
-"""The ContextBlip module: parameter tree and counts (SPEC §3.8-3.9, §6.3), visible-only ViT
-pass and the reference patch layout (§4.6), decoder input assembly (§4.8), context encoder."""
+"""The ContextBlip module: parameter tree and counts (docs/method.md#parameter-counts), visible-only ViT
+pass and the reference patch layout, decoder input assembly, context encoder."""
 
 import flax.linen as nn
 import jax

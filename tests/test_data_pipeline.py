@@ -249,3 +249,22 @@ def test_eval_records(data):
   assert sorted((r["set"], r["index"]) for r in records) == sorted(
       (e.set_name, e.position) for e in split.examples)
   assert {r["static"] for r in records} == {True, False}
+
+
+def test_batch_shapes_are_the_pipelines_batches(data):
+  """`pipeline.batch_shapes` (what ahead-of-time compilation uses) = the real batches."""
+  split = data["valid"]
+  d = max(len(s.example_indices) for s in split.sets)
+  real = {
+      "pretrain": next(iter(P.pretrain_pipeline(data["pairs"], image_size=S, global_batch_size=8,
+                                                seed=0, tokenizer=data["tok"]))),
+      "finetune": next(iter(_train(data))),
+      "eval": next(iter(P.imagecode_eval_pipeline(split, image_size=S, sets_per_batch=3,
+                                                  tokenizer=data["tok"])))}
+  sizes = {"pretrain": 8, "finetune": 4, "eval": 3}
+  for kind, batch in real.items():
+    want = P.batch_shapes(kind, sizes[kind], image_size=S, max_length=30, num_descriptions=d)
+    got = {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()}
+    assert got == {k: (shape, np.dtype(dt)) for k, (shape, dt) in want.items()}, kind
+  with pytest.raises(ValueError, match="unknown batch kind"):
+    P.batch_shapes("stage3", 1, image_size=S, max_length=30)

@@ -1,4 +1,4 @@
-"""TMIM mask selection (contextblip_jax/training/masking.py, SPEC §4.1-4.4)."""
+"""TMIM mask selection (contextblip_jax/training/masking.py)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Optimizers and schedules (SPEC §6.2-6.3, §7.1, §10 items 17-18) against hand computations."""
+"""Optimizers and schedules (docs/method.md#optimizers) against hand computations."""
 
 import jax.numpy as jnp
 import numpy as np

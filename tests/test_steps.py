@@ -33,7 +33,7 @@ from contextblip_jax.training.train_state import (merge_params, partition_params
                                                   trainable_paths)
 
 FAST = compilation.FAST_COMPILE
-# The freeze rules of the stage configs (configs/*.py, SPEC §3.9), over each stage's tree.
+# The freeze rules of the stage configs (configs/*.py, docs/method.md#freezing), over each stage's tree.
 PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]
 BACKBONE_RULES = [(".*", "train")]
 STAGE1_RULES = [("context_encoder/.*", "freeze"), (".*", "train")]

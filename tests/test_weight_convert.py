@@ -226,10 +226,10 @@ def test_unexpected_missing_and_misshaped_keys_are_all_named_and_nothing_written
 
 
 def test_failed_write_leaves_nothing_behind(files, tmp_path, monkeypatch):
-  import contextblip_jax.storage.param_dir as pretrained
+  from contextblip_jax.storage import paths   # every file copy of a parameter dir goes here
   def broken_copy(*a, **k):
     raise OSError("disk full (simulated)")
-  monkeypatch.setattr(pretrained.shutil, "copyfile", broken_copy)
+  monkeypatch.setattr(paths.shutil, "copyfile", broken_copy)
   out = str(tmp_path / "ckpt")
   with pytest.raises(OSError, match="disk full"):
     convert(files["hf"], out)

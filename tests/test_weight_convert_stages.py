@@ -112,7 +112,7 @@ class Output(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """extras_.BertLayer (fp32, as SPEC'd); with `cross` the med.py decoder layer's names."""
+  """extras_.BertLayer (fp32, as the reference); with `cross` the med.py decoder layer's names."""
   def __init__(self, d, heads, ff, cross=False):
     super().__init__()
     self.attention = Attention(d, heads)

@@ -43,6 +43,7 @@ from contextblip_jax.models.blip import Blip
 from contextblip_jax.models.contextblip import (PARAM_GROUPS, ContextBlip, ContextBlipConfig,
                                                 init_params)
 from contextblip_jax.models.variants import BlipConfig
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.atomic import check_replaceable
 from contextblip_jax.storage.param_dir import (blip_model_config, is_parameter_directory,
                                                write_param_dir)
@@ -213,7 +214,7 @@ def source_config(source: SourceState, image_size: int | None = None, *,
 
 def _tied_embedding_note(source: SourceState) -> list[str]:
   """ContextBLIP's load_checkpoint copies the *decoder's* word embeddings into the encoder
-  (SPEC §2.6). BLIP pre-training ties them, so they are equal; say so if they are not."""
+  (docs/method.md#checkpoint). BLIP pre-training ties them, so they are equal; say so if they are not."""
   enc, dec = ("text_encoder.embeddings.word_embeddings.weight",
               "text_decoder.bert.embeddings.word_embeddings.weight")
   if enc in source.arrays and dec in source.arrays and (
@@ -321,8 +322,8 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
     The absolute path of the written directory. Nothing is written if any stage fails.
   """
   log = log or (lambda s: None)
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
+  out = paths.abspath(out)                  # a local directory or a gs:// URL
+  if paths.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
   check_replaceable(out, [src], is_parameter_directory, "a parameter directory")
   source = load_source(src, fmt)

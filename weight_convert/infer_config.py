@@ -3,7 +3,7 @@
 * HF directory: from `config.json`; keys a (hub) config omits take the transformers defaults
   (`HF_VISION_DEFAULTS`, `HF_TEXT_DEFAULTS`), as `BlipConfig.from_pretrained` would.
   Policy `hf_config='blip'` (default) keeps the *architecture* from config.json (sizes, heads,
-  text eps) but uses BLIP's values for what HF configs get wrong (SPEC §10 items 16, 20):
+  text eps) but uses BLIP's values for what HF configs get wrong (docs/decisions.md items 16, 20):
   vision LayerNorm eps 1e-6 (hub configs leave the HF default 1e-5; every BLIP checkpoint was
   trained with 1e-6) and text dropout 0.1 (HF defaults to 0.0; BLIP trains with 0.1). Each such
   override is reported. Policy 'config' takes config.json literally (e.g. to reproduce a HF
@@ -68,11 +68,11 @@ def config_from_hf(hf: dict[str, Any], policy: str = "blip") -> tuple[BlipConfig
   if policy == "blip":
     if eps != BLIP_VISION_EPS:
       notes.append(f"vision layer_norm_eps: config.json has {eps:g} (HF default); using "
-                   f"{BLIP_VISION_EPS:g} as BLIP was trained (SPEC §10.20; --hf-config config "
+                   f"{BLIP_VISION_EPS:g} as BLIP was trained (docs/decisions.md item 20; --hf-config config "
                    f"keeps {eps:g})")
     if (hdrop, adrop) != (base.hidden_dropout, base.attention_dropout):
       notes.append(f"text dropout: config.json has hidden {hdrop:g} / attention {adrop:g}; using "
-                   f"BLIP's {base.hidden_dropout:g} / {base.attention_dropout:g} (SPEC §10.16)")
+                   f"BLIP's {base.hidden_dropout:g} / {base.attention_dropout:g} (docs/decisions.md item 16)")
     eps, hdrop, adrop = BLIP_VISION_EPS, base.hidden_dropout, base.attention_dropout
   if "num_attention_heads" not in (hf.get("text_config") or {}):
     notes.append("text num_attention_heads absent from config.json: HF default 8 used "

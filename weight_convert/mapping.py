@@ -96,7 +96,7 @@ class Rule:
     raise ValueError(f"unknown source format {fmt!r}")
 
 
-_SAME = object()   # HF key = original key (text encoder and heads, SPEC §2.5)
+_SAME = object()   # HF key = original key (text encoder and heads, docs/method.md#conversion)
 
 
 def _dense(target: str, original: str, hf=_SAME) -> list[Rule]:
@@ -133,7 +133,7 @@ _TL = f"{_T}/encoder/layer_{{i}}"
 _OL = "text_encoder.encoder.layer.{i}"
 
 RULES: tuple[Rule, ...] = tuple(
-    # --- ViT (SPEC §1.2-1.4) ---
+    # --- ViT (docs/method.md#conversion) ---
     [Rule(f"{_V}/patch_embed_kernel", "visual_encoder.patch_embed.proj.weight",
           "vision_model.embeddings.patch_embedding.weight", CONV),
      Rule(f"{_V}/patch_embed_bias", "visual_encoder.patch_embed.proj.bias",
@@ -148,7 +148,7 @@ RULES: tuple[Rule, ...] = tuple(
     + _dense(f"{_VB}/mlp/fc1", f"{_OB}.mlp.fc1", f"{_HB}.mlp.fc1")
     + _dense(f"{_VB}/mlp/fc2", f"{_OB}.mlp.fc2", f"{_HB}.mlp.fc2")
     + _norm(f"{_V}/norm", "visual_encoder.norm", "vision_model.post_layernorm")
-    # --- text encoder (SPEC §2.5; HF keys are the original ones) ---
+    # --- text encoder (HF keys are the original ones) ---
     + _embed(f"{_T}/embeddings/word_embeddings", "text_encoder.embeddings.word_embeddings")
     + _embed(f"{_T}/embeddings/position_embeddings",
              "text_encoder.embeddings.position_embeddings")
@@ -162,7 +162,7 @@ RULES: tuple[Rule, ...] = tuple(
     + _dense("pretrained_blip/itm_head", "itm_head")
     + _dense("pretrained_blip/vision_proj", "vision_proj")
     + _dense("pretrained_blip/text_proj", "text_proj")
-    # --- ContextBLIP multi-scale adapter (SPEC §3.11): bias-free Linear -> Dense kernel ---
+    # --- ContextBLIP multi-scale adapter: bias-free Linear -> Dense kernel ---
     + [Rule("vision_adapter/down_{i}/kernel", "vision_adapter.down.{i}.fc.0.weight", None,
             TRANSPOSE),
        Rule("vision_adapter/up/kernel", "vision_adapter.up.fc.0.weight", None, TRANSPOSE)]
@@ -193,7 +193,7 @@ def _bert_layer(target: str, original: str, cross: bool) -> list[Rule]:
 
 
 STAGE_RULES: dict[str, tuple[Rule, ...]] = {
-    # pre-training (models/multiscale_adapter.py Adapter_BLIP with mask_rate > 0), SPEC §4.7-4.10
+    # pre-training (models/multiscale_adapter.py Adapter_BLIP with mask_rate > 0)
     "tmim": tuple(_no_hf(
         [Rule("text_adapter/fc_0/kernel", "text_adapter.fc.0.weight", None, TRANSPOSE),
          Rule("text_adapter/fc_2/kernel", "text_adapter.fc.2.weight", None, TRANSPOSE)]
@@ -201,9 +201,9 @@ STAGE_RULES: dict[str, tuple[Rule, ...]] = {
         + _embed("decoder_pos_embed", "decoder_pos_embed")
         + _dense("recon_head", "recon_head")
         + [Rule("mask_embed", "mask_embed", None)])),
-    # stage 1 (finetune_notf.py ContextualBLIP.prediction_layer = Linear(768, 1)), SPEC §6.2
+    # stage 1 (finetune_notf.py ContextualBLIP.prediction_layer = Linear(768, 1))
     "head": tuple(_no_hf(_dense("prediction_layer", "prediction_layer"))),
-    # stage 2 (finetune_context.py: transformer = 2 x BertLayer, positional_emb), SPEC §6.3
+    # stage 2 (finetune_context.py: transformer = 2 x BertLayer, positional_emb)
     "context": tuple(_no_hf(
         _bert_layer(_CT, _OCT, cross=False)
         + _embed("context_encoder/positional_emb", "positional_emb"))),
@@ -244,7 +244,7 @@ IGNORED_GROUPS: tuple[tuple[str, str, str], ...] = (
      r"(\.|$)", "ContextBLIP TMIM pre-training modules, when left out on request (tmim=False, "
      "--no-tmim); converted by default"),
     ("contextblip_mlm", r"^(prompt$|pred_head\.)", "ContextBLIP's MLM prompt branch "
-     "(prompt_length > 0; off in the paper, SPEC §4.11)"),
+     "(prompt_length > 0; off in the paper)"),
 )
 _IGNORED_RE = tuple((name, re.compile(rx)) for name, rx, _ in IGNORED_GROUPS)
 

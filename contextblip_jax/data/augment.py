@@ -1,4 +1,4 @@
-"""Training augmentations (SPEC §7.1, §7.3) in numpy / PIL, deterministic given a Generator.
+"""Training augmentations (docs/method.md#augmentation) in numpy / PIL, deterministic given a Generator.
 
 BLIP's pre-training and ContextBLIP's IMAGECODE train transform:
 
@@ -268,7 +268,7 @@ AUGMENTATIONS = {
 
 def make_train_transform(image_size: int, augmentation: int | str = 0,
                          min_scale: float | None = None) -> Callable:
-  """ContextBLIP's `--augmentation` choices (SPEC §7.3), or 'none' for the eval transform.
+  """ContextBLIP's `--augmentation` choices (docs/method.md#augmentation), or 'none' for the eval transform.
 
   `min_scale` overrides the crop's lower scale bound (BLIP pre-training uses 0.2)."""
   if augmentation == "none" or augmentation is None:

@@ -1,4 +1,4 @@
-"""IMAGECODE reader (SPEC §8): annotation JSON (+ phenomenon tags) + image tree -> examples.
+"""IMAGECODE reader (docs/method.md#imagecode): annotation JSON (+ phenomenon tags) + image tree -> examples.
 
 Inputs (the real benchmark's formats):
   train/valid JSON  {set_name: {"<gold 0-9>": description, ...}}
@@ -41,13 +41,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from typing import Any, Sequence
 
 import yaml
 
 from contextblip_jax.data import preprocess, unique_keys
+from contextblip_jax.storage import paths as fs_paths
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ImagecodeSplit:
 
 
 def is_video_set(set_name: str) -> bool:
-  """Static iff 'open-images' is in the set name (SPEC §8.4)."""
+  """Static iff 'open-images' is in the set name (docs/method.md#imagecode)."""
   return "open-images" not in set_name
 
 
@@ -154,7 +154,7 @@ def gold_index(key: Any) -> int | None:
 
 def _load_json(path: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
+    with fs_paths.open(path, encoding="utf-8") as f:
       data = json.load(f, object_pairs_hook=unique_keys.object_pairs)
   except FileNotFoundError as e:
     raise ImagecodeDataError(f"{path}: annotation file not found") from e
@@ -212,19 +212,19 @@ def _descriptions(path, set_name, entry, labelled, policy) -> list[tuple[int, st
 def list_candidates(set_dir: str) -> list[str]:
   """The img<k> files of `set_dir` sorted by the integer k (no count check)."""
   found: dict[int, str] = {}
-  for name in os.listdir(set_dir):
+  for name in fs_paths.listdir(set_dir):
     m = _IMAGE_NAME.match(name)
     if m:
       k = int(m.group(1))
       if k in found:
         raise ImagecodeDataError(f"{set_dir}: two files for frame {k}: {found[k]}, {name}")
       found[k] = name
-  return [os.path.join(set_dir, found[k]) for k in sorted(found)]
+  return [fs_paths.join(set_dir, found[k]) for k in sorted(found)]
 
 
 def _set_images(image_root, set_name, decode, policy, n_desc) -> tuple[str, ...] | None:
-  set_dir = os.path.join(image_root, set_name)
-  if not os.path.isdir(set_dir):
+  set_dir = fs_paths.join(image_root, set_name)
+  if not fs_paths.isdir(set_dir):
     policy.bad(set_dir, set_name, "image-set directory not found", n_desc)
     return None
   try:
@@ -251,7 +251,7 @@ def load_phenomenon_tags(path: str, on_error: str = "raise"
   """Reads manual_annotation_valid.yaml -> ({(set_name, gold): tags}, skipped)."""
   policy = _Policy(on_error)
   try:
-    with open(path, encoding="utf-8") as f:
+    with fs_paths.open(path, encoding="utf-8") as f:
       data = yaml.load(f, Loader=unique_keys.yaml_loader())
   except FileNotFoundError as e:
     raise ImagecodeDataError(f"{path}: annotation file not found") from e
@@ -376,10 +376,10 @@ def read_imagecode_dir(data_dir: str, split: str, *, image_root: str | None = No
   if split not in SPLIT_FILES:
     raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
   if annotation_path is None and split == "valid":
-    candidate = os.path.join(data_dir, ANNOTATION_FILE)
-    annotation_path = candidate if os.path.exists(candidate) else None
-  return read_imagecode(os.path.join(data_dir, SPLIT_FILES[split]),
-                        image_root or os.path.join(data_dir, IMAGE_DIR),
+    candidate = fs_paths.join(data_dir, ANNOTATION_FILE)
+    annotation_path = candidate if fs_paths.exists(candidate) else None
+  return read_imagecode(fs_paths.join(data_dir, SPLIT_FILES[split]),
+                        image_root or fs_paths.join(data_dir, IMAGE_DIR),
                         annotation_path=annotation_path, check_images=check_images,
                         on_error=on_error)
 
@@ -406,12 +406,12 @@ def split_paths(cfg: Any, split: str) -> tuple[str, str, str | None]:
                      "JSON files)")
   if split not in SPLIT_FILES:
     raise ValueError(f"unknown split {split!r}; known: {sorted(SPLIT_FILES)}")
-  json_path = os.path.join(d.imagecode_dir, SPLIT_FILES[split])
-  image_root = d.image_root or os.path.join(d.imagecode_dir, IMAGE_DIR)
+  json_path = fs_paths.join(d.imagecode_dir, SPLIT_FILES[split])
+  image_root = d.image_root or fs_paths.join(d.imagecode_dir, IMAGE_DIR)
   tags = None
   if split == "valid":
-    tags = d.annotation_yaml or os.path.join(d.imagecode_dir, ANNOTATION_FILE)
-    if not os.path.isfile(tags):
+    tags = d.annotation_yaml or fs_paths.join(d.imagecode_dir, ANNOTATION_FILE)
+    if not fs_paths.isfile(tags):
       if d.annotation_yaml:
         raise FileNotFoundError(f"config.data.annotation_yaml: {tags} not found")
       tags = None

@@ -1,4 +1,4 @@
-"""Pre-training pairs reader (SPEC §7.1): BLIP / ALBEF `[{"image": path, "caption": str}]`.
+"""Pre-training pairs reader (docs/method.md#pre-training): BLIP / ALBEF `[{"image": path, "caption": str}]`.
 
 Each JSON file (coco.json, vg.json, the synthetic pairs.json) is a list of objects with an
 `image` path and a `caption`. Relative image paths are joined to `image_root` (default: the

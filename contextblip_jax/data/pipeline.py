@@ -301,6 +301,35 @@ class BatchRows(grain.MapDataset):
     return {**element, self._mask_key: np.bool_(real)}
 
 
+# --------------------------------------------------------------------------- batch shapes
+
+def batch_shapes(kind: str, batch_size: int, *, image_size: int, max_length: int,
+                 num_descriptions: int = 3) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (shape, dtype)} of one global batch of a pipeline (the formats in the module
+  docstring), for compiling a step ahead of time without data.
+
+  kind: 'pretrain' (pretrain_pipeline), 'finetune' (imagecode_train_pipeline) or 'eval'
+  (imagecode_eval_pipeline with `num_descriptions` descriptions per set). `tests/
+  test_data_pipeline.py` checks these against the pipelines' real batches.
+  """
+  b, s, t, d = batch_size, image_size, max_length, num_descriptions
+  if kind == "pretrain":
+    return {"image": ((b, s, s, 3), np.float32), "input_ids": ((b, t), np.int32),
+            "attention_mask": ((b, t), np.int32)}
+  if kind == "finetune":
+    return {"images": ((b, NUM_CANDIDATES, s, s, 3), np.float32),
+            "input_ids": ((b, t), np.int32), "attention_mask": ((b, t), np.int32),
+            "label": ((b,), np.int32), "is_video": ((b,), np.bool_),
+            EXAMPLE_MASK: ((b,), np.bool_)}
+  if kind == "eval":
+    return {"images": ((b, NUM_CANDIDATES, s, s, 3), np.float32),
+            "input_ids": ((b, d, t), np.int32), "attention_mask": ((b, d, t), np.int32),
+            "label": ((b, d), np.int32), "desc_mask": ((b, d), np.bool_),
+            "example_index": ((b, d), np.int32), "set_index": ((b,), np.int32),
+            "set_mask": ((b,), np.bool_), "is_video": ((b,), np.bool_)}
+  raise ValueError(f"unknown batch kind {kind!r}: 'pretrain', 'finetune' or 'eval'")
+
+
 # --------------------------------------------------------------------------- pipelines
 
 @dataclasses.dataclass
@@ -341,7 +370,7 @@ def pretrain_pipeline(pairs: PairsData | Sequence[PairExample] | Any, *, image_s
                       min_scale: float = 0.2, num_epochs: int | None = None, shard: Any = None,
                       cache_images: bool = False, num_threads: int = 2,
                       prefetch_buffer_size: int = 2, worker_count: int = 0) -> Pipeline:
-  """Pre-training batches {"image", "input_ids", "attention_mask"} (SPEC §7.1 transform).
+  """Pre-training batches {"image", "input_ids", "attention_mask"} (docs/method.md#augmentation).
 
   `pairs`: reader output or any source of {"image": path | bytes, "caption"} records
   (e.g. tfds_pairs.TfdsPairSource). Captions are used as given (the reader cleaned them).
@@ -366,12 +395,12 @@ def imagecode_train_pipeline(split: ImagecodeSplit | Any, *, image_size: int,
                              num_threads: int = 2, prefetch_buffer_size: int = 2,
                              worker_count: int = 0, drop_remainder: bool = False) -> Pipeline:
   """IMAGECODE fine-tuning batches {"images", "input_ids", "attention_mask", "label",
-  "is_video", "example_mask"}; the 10 candidates are augmented independently (SPEC §7.3);
+  "is_video", "example_mask"}; the 10 candidates are augmented independently (docs/method.md#augmentation);
   descriptions are cleaned with pre_caption_imagecode. `split`: reader output or a source of
   example records (e.g. tfds_imagecode.TfdsImagecodeSource). The last partial global batch
   of an epoch is kept, padded to the batch size with `example_mask` False on the padding
-  rows (the reference's DataLoader without drop_last: ceil(N / G) steps per epoch, SPEC
-  §6.2), or dropped with `drop_remainder=True`."""
+  rows (the reference's DataLoader without drop_last: ceil(N / G) steps per epoch,
+  docs/decisions.md item 24), or dropped with `drop_remainder=True`."""
   source = (ImagecodeExampleSource(split, cache_images) if isinstance(split, ImagecodeSplit)
             else split)
   transform = augment.make_train_transform(image_size, augmentation)

@@ -1,4 +1,4 @@
-"""Image front-end (SPEC §1.1, §7.2): file -> RGB -> bicubic resize -> CLIP-normalised pixels.
+"""Image front-end (docs/method.md#vision-encoder): file -> RGB -> bicubic resize -> CLIP-normalised pixels.
 
 The evaluation transform of every ContextBLIP / BLIP script is
 
@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from contextblip_jax.storage import paths
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -62,12 +64,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str) -> Image.Image:
   """Opens and fully decodes `path` as an RGB PIL image; raises ImageLoadError on failure."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.exists(path):                    # a local path or a gs:// URL
     raise ImageLoadError(path, "no such file")
-  if os.path.isdir(path):
+  if paths.isdir(path):
     raise ImageLoadError(path, "is a directory")
   try:
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       data = f.read()
   except OSError as e:
     raise ImageLoadError(path, f"unreadable ({e.strerror or e})") from e

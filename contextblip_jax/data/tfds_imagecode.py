@@ -9,7 +9,7 @@ checks, same example ids) and writes one record per description:
   is_video: bool    tags: [text]    image_names: [10 text]
   image_bytes: [10 bytes]   the candidate files' bytes, verbatim (no re-encoding), in order
 
-Without TensorFlow only this route works (ENVIRONMENT.md): `download_and_prepare()` then
+Without TensorFlow only this route works (docs/environment.md): `download_and_prepare()` then
 `as_data_source()` / `tfds.builder_from_directory(...).as_data_source()`; `tfds.load` and
 `as_dataset` need TensorFlow and are not used. The data source returns records in hashed
 order, so match them by `example_id`. `TfdsImagecodeSource` turns records into the pipeline's
@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from contextblip_jax.data import imagecode
+from contextblip_jax.storage import paths
 
 _INSTRUCTIONS = """\
 Put the IMAGECODE files in the manual directory: train_data.json, valid_data.json,
@@ -82,7 +83,7 @@ class ImagecodeBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     manual = os.fspath(dl_manager.manual_dir)
     splits = {s: self._generate_examples(manual, s) for s, f in imagecode.SPLIT_FILES.items()
-              if os.path.exists(os.path.join(manual, f))}
+              if paths.exists(paths.join(manual, f))}   # local or gs://
     if not splits:
       raise FileNotFoundError(f"{manual}: none of {sorted(imagecode.SPLIT_FILES.values())}")
     return splits
@@ -95,7 +96,7 @@ class ImagecodeBuilder(tfds.core.GeneratorBasedBuilder):
     for e in data.examples:
       images = []
       for p in e.image_paths:
-        with open(p, "rb") as f:
+        with paths.open(p, "rb") as f:
           images.append(f.read())
       yield e.example_id, {
           "example_id": e.example_id, "set_name": e.set_name, "description": e.description,

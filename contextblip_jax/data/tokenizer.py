@@ -1,6 +1,6 @@
-"""BLIP text front-end (SPEC §2.2): caption cleaning and an offline BERT WordPiece tokenizer.
+"""BLIP text front-end (docs/method.md#tokenizer): caption cleaning and an offline BERT WordPiece tokenizer.
 
-Two caption cleaners exist in the reference code; each is used in one place (SPEC §10 item 19):
+Two caption cleaners exist in the reference code; each is used in one place (docs/decisions.md item 19):
 
   pre_caption_blip       BLIP `data/utils.pre_caption`: COCO / VG / CC pre-training captions.
   pre_caption_imagecode  ContextBLIP `utils.pre_caption`: every IMAGECODE description (zero-shot,
@@ -29,6 +29,8 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from contextblip_jax.storage import paths
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                           "bert-base-uncased-vocab.txt")
@@ -152,13 +154,13 @@ def _split_punctuation(word: str) -> list[str]:
 # --------------------------------------------------------------------------- vocabulary
 
 def file_md5(path: str) -> str:
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def load_vocab(path: str, expected_md5: str | None = VOCAB_MD5) -> dict[str, int]:
   """Reads a WordPiece vocabulary (one token per line, id = line number) and checks its md5."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):                 # a local path or a gs:// URL (an export there)
     raise FileNotFoundError(f"vocabulary file not found: {path}")
   if expected_md5 is not None:
     got = file_md5(path)
@@ -166,7 +168,7 @@ def load_vocab(path: str, expected_md5: str | None = VOCAB_MD5) -> dict[str, int
       raise ValueError(f"vocabulary file {path} has md5 {got}, expected {expected_md5} "
                        "(the bert-base-uncased WordPiece vocabulary BLIP was trained with)")
   vocab: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     for index, line in enumerate(f):
       vocab[line.rstrip("\n")] = index
   for tok in (PAD, UNK, CLS, SEP, MASK):

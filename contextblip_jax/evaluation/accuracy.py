@@ -1,4 +1,4 @@
-"""IMAGECODE accuracy (SPEC §8.5): accuracy with Wilson 95% intervals, per-tag accuracy,
+"""IMAGECODE accuracy (docs/method.md#zero-shot): accuracy with Wilson 95% intervals, per-tag accuracy,
 accuracy by number of propositions (paper Table 10), the text report, the phenomenon tags, and
 the leaderboard mapping {set: [pred, ...]}.
 (The files of an evaluation are written by `evaluation/outputs.py`.)
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 from typing import Any, Mapping, Sequence
+
+from contextblip_jax.storage import paths
 
 CHANCE = 0.1   # 1 of 10 candidates
 TAG_NAMES = {  # IMAGECODE phenomenon tags (manual_annotation_valid.yaml)
@@ -128,7 +130,7 @@ def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:
   Raises ValueError naming the file and entry on a malformed entry.
   """
   import yaml  # pylint: disable=g-import-not-at-top
-  with open(yaml_path, encoding="utf-8") as f:
+  with paths.open(yaml_path, encoding="utf-8") as f:
     data = yaml.safe_load(f)
   if not isinstance(data, dict):
     raise ValueError(f"{yaml_path}: expected a mapping of set names at the top level")
@@ -152,7 +154,7 @@ def load_tags(yaml_path: str) -> dict[tuple[str, int], list[str]]:
 
 def read_predictions(path: str) -> list[dict[str, Any]]:
   """The records of a `<name>.predictions.jsonl` file (outputs.write_predictions)."""
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -19,7 +19,7 @@
   ('stage2', (1, 3), (2, 3))
   >>> sorted(r[1].order[0].tolist())                    # image indices, best first
   [0, 1, 2]
-  >>> f = ft.encode_images(np.zeros((2, 48, 64, 3), np.uint8))
+  >>> f = model.encode_images(np.zeros((2, 48, 64, 3), np.uint8))
   >>> f.embeds.shape, f.itc.shape                        # [N, 1 + P, D], [N, E]
   ((2, 17, 32), (2, 16))
 
@@ -138,7 +138,8 @@ def load(path: str | os.PathLike, *, dtype: str = "float32",
     pre_caption: clean descriptions as IMAGECODE's evaluation does.
     batch_size: images per forward pass in `score` and `encode_images`.
     sets_per_batch: image sets per step in `rank`.
-    devices: the devices `rank` splits its sets over (default: the first device).
+    devices: the devices `rank` splits its sets over (default: the first device); `score`
+      and `encode_images` run on the first device, as the scoring command does.
 
   >>> model = load("ckpt/blip_tiny")
   >>> model.default_head, model.image_size
@@ -191,15 +192,14 @@ class Model:
     self._model: ContextBlip = make_model(self.config, dtype, attention_impl)
     self.mesh = shd.make_mesh({"data": -1}, list(devices) if devices else jax.devices()[:1])
     params = scoring.head_params(loaded.params, self._model, self.default_head)
-    self._shardings = scoring.param_shardings_for(self._model, params, self.mesh)
+    shardings = scoring.param_shardings_for(self._model, params, self.mesh)
     loaded.params = params            # other groups (TMIM) are dropped; the host copy of
-    self.params = shd.device_put_in_place(params, self._shardings)  # each leaf freed as placed
+    self.params = shd.device_put_in_place(params, shardings)   # each leaf freed as placed
     # The Scorer places its groups on the first device: the same buffers when the mesh is that
     # device (no second copy).
     self.scorer = Scorer(loaded, max_length=max_length, pre_caption=pre_caption,
                          batch_size=batch_size, checkpoint_dir=self.checkpoint_dir, dtype=dtype,
                          attention_impl=attention_impl)
-    self._steps: dict[tuple, Any] = {}
 
   def __repr__(self) -> str:
     return (f"Model({self.checkpoint_dir!r}, heads={self.heads}, "
@@ -248,9 +248,9 @@ class Model:
     """One description against N images -> `Scores` (itm_prob, itc_sim [N]; scores [N] of
     `head`, default `default_head`; `is_video` for 'stage2').
 
-    >>> s = load("ckpt/blip_tiny").score("two green squares", np.zeros((4, 32, 32, 3)))
+    >>> s = load("ckpt/blip_tiny").score("two green squares", np.zeros((3, 32, 32, 3)))
     >>> s.head, s.scores.shape, bool((s.scores == s.itm_prob).all())
-    ('zero_shot', (4,), True)
+    ('zero_shot', (3,), True)
     """
     head = self._head(head)
     if not isinstance(text, str):
@@ -282,10 +282,11 @@ class Model:
       is_video: per set (or one value for all): the set is a video's frames ('stage2').
       progress: print a progress line per batch (default: when there are 5 batches or more).
 
-    >>> r = load("runs/finetune2").rank(["the left one"], [np.zeros((10, 32, 32, 3))],
-    ...                                 head="stage1")
-    >>> r[0].scores.shape, r[0].best.tolist()
-    ((1, 10), [0])
+    >>> images = np.zeros((3, 32, 32, 3), np.uint8)      # three identical images
+    >>> r = load("runs/finetune2").rank([["the left one", "a red circle"], "no circle"],
+    ...                                 [images, ["img0.png", "img1.png", "img2.png"]])
+    >>> r[0].scores.shape, r[0].best.tolist(), r[1].scores.shape
+    ((2, 3), [0, 0], (1, 3))
     """
     head = self._head(head)
     if isinstance(texts, str) or not isinstance(texts, Sequence):
@@ -367,13 +368,8 @@ class Model:
     return scoring.head_params(self.params, self._model, head)
 
   def _step(self, head: str, batch: dict[str, np.ndarray]):
-    key = (head,) + tuple((k, v.shape) for k, v in sorted(batch.items()))
-    if key not in self._steps:
-      params = self.params_for(head)
-      shardings = {k: self._shardings[k] for k in params}
-      self._steps[key] = scoring.make_score_step(
-          self._model, head, shardings, shd.batch_shardings(batch, self.mesh), self.mesh)
-    return self._steps[key]
+    shapes = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    return _score_step(self._model, head, self.mesh, tuple(self.params_for(head)), shapes)
 
   # ------------------------------------------------------------------ encode
   def encode_images(self, images: Any) -> ImageFeatures:
@@ -396,6 +392,16 @@ class Model:
       outs.append(jax.tree.map(lambda x: np.asarray(x)[:real], fn(params, batch)))
     return ImageFeatures(embeds=np.concatenate([o["embeds"] for o in outs]),
                          itc=np.concatenate([o["itc"] for o in outs]))
+
+
+@functools.lru_cache(maxsize=32)
+def _score_step(model: ContextBlip, head: str, mesh: jax.sharding.Mesh, groups: tuple[str, ...],
+                shapes: tuple[tuple[str, tuple[int, ...], str], ...]):
+  """The evaluation's jitted score step for one batch shape, shared by every Model of the
+  same architecture and mesh (one compilation)."""
+  shardings = scoring.param_shardings_for(model, dict.fromkeys(groups), mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for k, shape, dtype in shapes}
+  return scoring.make_score_step(model, head, shardings, shd.batch_shardings(batch, mesh), mesh)
 
 
 def _encode_images(model: ContextBlip, pixels):

@@ -1,4 +1,4 @@
-"""IMAGECODE evaluation loop, separate from training (SPEC §7.2, §8.5).
+"""IMAGECODE evaluation loop, separate from training (docs/method.md#zero-shot).
 
 `Evaluator` runs a split through `data/pipeline.imagecode_eval_pipeline` (batches of whole
 image sets, this process's rows of each global batch) and the jitted step of
@@ -30,7 +30,7 @@ from contextblip_jax.parallel import distributed
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.storage.metric_writers import MetricWriter, Progress
 
-_JIT_KEYS = ("images", "input_ids", "attention_mask", "is_video", "desc_mask", "example_index",
+STEP_KEYS = ("images", "input_ids", "attention_mask", "is_video", "desc_mask", "example_index",
              "set_mask")
 
 
@@ -70,7 +70,7 @@ class Evaluator:
                         unit="batch")
     out: list[dict[str, Any]] = []
     for local in pipe:
-      local = {k: local[k] for k in _JIT_KEYS}
+      local = {k: local[k] for k in STEP_KEYS}
       if self._step is None:
         self._batch_shardings = shd.batch_shardings(
             distributed.global_shapes(local, pipe.global_batch_size), self.mesh,

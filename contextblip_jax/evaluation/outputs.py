@@ -18,7 +18,6 @@ has no prediction (skipped by the reader) nothing is written and the error names
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 
 from contextblip_jax.data import imagecode
 from contextblip_jax.evaluation import accuracy
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.atomic import atomic_file
 
 
@@ -84,12 +84,12 @@ def write_outputs(out_dir: str, name: str, records: list[dict[str, Any]],
   `out_dir`; returns {kind: path} ({} on processes other than 0)."""
   if jax.process_index() != 0:
     return {}
-  files = {"predictions": os.path.join(out_dir, f"{name}.predictions.jsonl"),
-           "report": os.path.join(out_dir, f"{name}.report.json")}
+  files = {"predictions": paths.join(out_dir, f"{name}.predictions.jsonl"),
+           "report": paths.join(out_dir, f"{name}.report.json")}
   records = sorted(records, key=lambda r: (r["set"], r["index"]))
   board = None
   if not split.labelled:
-    with open(split.source, encoding="utf-8") as f:
+    with paths.open(split.source, encoding="utf-8") as f:
       expected = json.load(f)
     try:                                    # raises before anything is written
       board = accuracy.leaderboard([r for r in records if r.get("pred") is not None], expected)
@@ -106,6 +106,6 @@ def write_outputs(out_dir: str, name: str, records: list[dict[str, Any]],
   write_predictions(files["predictions"], records)
   write_json(files["report"], report, indent=1, sort_keys=True)
   if board is not None:
-    files["leaderboard"] = os.path.join(out_dir, f"{name}.leaderboard.json")
+    files["leaderboard"] = paths.join(out_dir, f"{name}.leaderboard.json")
     write_json(files["leaderboard"], board, indent=1)
   return files

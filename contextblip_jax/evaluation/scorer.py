@@ -4,7 +4,7 @@
   python -m contextblip_jax.score --checkpoint DIR --text "a dog" --text "two dogs" img*.jpg
 
 prints JSON: per image the ITM match probability (softmax index 1, [ENC] at position 0,
-SPEC §2.3) and the ITC cosine similarity (SPEC §2.4: [CLS]-first ids, unimodal text encoder,
+docs/method.md#itm-and-itc) and the ITC cosine similarity ([CLS]-first ids, unimodal text encoder,
 no temperature), the index of the best image by ITM probability, and the checkpoint used.
 With several --text the per-description results (text, caption, input_ids, images,
 best_index, best_image) are listed under "descriptions", in the order given. The images go
@@ -16,7 +16,7 @@ DIR is read by `contextblip_jax.storage.param_dir.load_param_dir`: a converted B
 any training stage's workdir or its export/. The model is `ContextBlip(model.json)` and the
 scores come from its methods (`encode_image`, `adapt`, `multimodal`, `itm_logits`,
 `itc_image_features`, `itc_text_features`), so with a vision adapter ITM runs on the adapted
-image tokens (as ContextBLIP's zero-shot evaluation does, SPEC §7.2) while ITC keeps the plain
+image tokens (as ContextBLIP's zero-shot evaluation does, docs/method.md#zero-shot) while ITC keeps the plain
 BLIP image tokens; other groups of a stage's export (TMIM, fine-tuning heads) are not used.
 Text goes through `pre_caption_imagecode` (disable with --no-pre-caption) and the directory's
 vocabulary at T = 30 (--max-length). Images are resized to the model's image size.
@@ -49,6 +49,7 @@ from contextblip_jax.data.tokenizer import DEFAULT_MAX_LENGTH, BlipTokenizer, pr
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
                                                 make_model, stage_param_names)
 from contextblip_jax.parallel import sharding as shd
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.checkpoints import silence_shutdown_noise
 from contextblip_jax.storage.param_dir import ParamDir, describe, load_param_dir
 
@@ -77,7 +78,7 @@ def make_score_fn(config: ContextBlipConfig, compute_dtype: str = "float32",
   """Returns jitted `score(params, pixels [N,S,S,3], ids [D,T], mask [D,T]) -> dict`.
 
   params = {"pretrained_blip": ..., ["vision_adapter": ...]}. Each text is scored against the
-  N images (SPEC §10 item 22). Outputs: itm_logits [D, N, 2], itm_prob [D, N], itc_sim [D, N]
+  N images (docs/decisions.md item 22). Outputs: itm_logits [D, N, 2], itm_prob [D, N], itc_sim [D, N]
   (float32 whatever `compute_dtype` is; the model from `make_model`, as every mode builds it).
   Cached, so every Scorer of the same architecture in a process shares one compilation.
   """
@@ -185,7 +186,7 @@ class Scorer:
   @classmethod
   def from_dir(cls, ckpt_dir: str, **kw) -> "Scorer":
     """Loads a parameter directory or a stage workdir (`load_param_dir`)."""
-    return cls(load_param_dir(ckpt_dir), checkpoint_dir=os.path.abspath(ckpt_dir), **kw)
+    return cls(load_param_dir(ckpt_dir), checkpoint_dir=paths.abspath(ckpt_dir), **kw)
 
   def score_files(self, paths: Sequence[str], text: str | Sequence[str]) -> dict[str, Any]:
     """Loads, scores and reports (as the JSON-ready dict the CLI prints). One text (a str, or

@@ -5,14 +5,13 @@ For each of the first sets of a labelled split, on its first description and gol
   panel 2  the text -> image cross-attention (mean over layers, heads and the description's
            word tokens: `masking.patch_scores` with token_choice='valid_mean', no noise) over
            the patch grid, overlaid on the image
-  panel 3  the TMIM text-guided mask (SPEC §4): the top pi*P patches by that score, greyed
+  panel 3  the TMIM text-guided mask (docs/method.md#masking): the top pi*P patches by that score, greyed
 The description is the row title. Rendering uses matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import textwrap
 from typing import Any
 
@@ -24,6 +23,7 @@ from contextblip_jax.training import masking
 from contextblip_jax.data import preprocess
 from contextblip_jax.data import imagecode
 from contextblip_jax.models.contextblip import ContextBlip
+from contextblip_jax.storage.atomic import atomic_file
 from contextblip_jax.data.tokenizer import BlipTokenizer, pre_caption_imagecode
 
 
@@ -98,7 +98,7 @@ def attention_figures(model: ContextBlip, params: Any, split: imagecode.Imagecod
     axes[i, 1].set_xlabel("\n".join(textwrap.wrap(e.description, 60)[:3]), fontsize=7)
   fig.tight_layout()
   path = out_path if out_path.endswith(".png") else out_path + ".png"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  with atomic_file(path, "wb") as f:      # a local temp file; gs:// paths are uploaded
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
   return [path]

@@ -1,4 +1,4 @@
-"""Multi-scale adapter (SPEC §3): DPAL per ViT tap, concatenation, one shared UPAL.
+"""Multi-scale adapter (docs/method.md#adapter): DPAL per ViT tap, concatenation, one shared UPAL.
 
   taps = [LN_f(x_l) for l in taps_1based]                     # each [B, N, D]
   z    = concat([relu(t @ Wd_l) for t, Wd_l in ...], -1)       # [B, N, len(taps) * D / delta]

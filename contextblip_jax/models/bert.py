@@ -1,4 +1,4 @@
-"""BLIP text encoder (med.py `BertModel`, SPEC §2.1) and the reusable post-LN BERT layer.
+"""BLIP text encoder (med.py `BertModel`, docs/method.md#text-encoder) and the reusable post-LN BERT layer.
 
 Post-LN layers: self-attention, an optional cross-attention sublayer (to image tokens, or to text
 for the TMIM decoder), FFN. No token-type embeddings. Names mirror the checkpoint:

@@ -1,4 +1,4 @@
-"""BLIP_Base (SPEC §1-2): ViT, text encoder, ITM head and ITC projections.
+"""BLIP_Base (docs/method.md#itm-and-itc): ViT, text encoder, ITM head and ITC projections.
 
 Parameters: `visual_encoder`, `text_encoder`, `itm_head`, `vision_proj`, `text_proj`, named as
 in the original Salesforce checkpoint. Call the entry points with `method=`:
@@ -32,7 +32,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def with_enc_token(input_ids: jax.Array) -> jax.Array:
-  """[B, T] ids with column 0 set to [ENC] (SPEC §2.3)."""
+  """[B, T] ids with column 0 set to [ENC] (docs/method.md#itm-and-itc)."""
   return input_ids.at[:, 0].set(ENC_TOKEN_ID)
 
 

@@ -1,4 +1,4 @@
-"""Inter-context encoder of fine-tuning stage 2 (SPEC §6.3).
+"""Inter-context encoder of fine-tuning stage 2 (docs/method.md#stage-2).
 
   x0   = feat + positional_emb(arange(K)) * pos_mask     # pos_mask 1 = video set, 0 = static
   out  = transformer_1(transformer_0(x0)) + feat          # residual to the un-positioned feat

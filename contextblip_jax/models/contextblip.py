@@ -1,4 +1,4 @@
-"""ContextBLIP (SPEC §3-6): BLIP + multi-scale adapter, TMIM decoder, fine-tuning heads.
+"""ContextBLIP (docs/method.md): BLIP + multi-scale adapter, TMIM decoder, fine-tuning heads.
 
 Parameters (top level, named as in the reference checkpoint):
   pretrained_blip     Blip (ViT, text encoder, itm_head, vision_proj, text_proj)
@@ -60,7 +60,7 @@ class ContextBlipConfig:
   blip: BlipConfig = BlipConfig()      # backbone sizes (models/variants.py)
   use_adapter: bool = True             # False = plain BLIP embeddings (zero-shot BLIP)
   adapter_taps: tuple[int, ...] = (3, 6, 9, 12)  # 1-based ViT blocks fed to the adapter
-  adapter_reduction: int = 2           # delta of the vision adapter (SPEC §10 item 1)
+  adapter_reduction: int = 2           # delta of the vision adapter (docs/decisions.md item 1)
   text_adapter_reduction: int = 2      # reduction of the TMIM text adapter
   decoder_layers: int = 4              # TMIM decoder depth
   decoder_heads: int = 8               # TMIM decoder heads (must divide the vision width)
@@ -158,7 +158,7 @@ def _check_head(head: str, is_video) -> None:
 
 
 def scramble_like_reference(patches: jax.Array, patch_size: int) -> jax.Array:
-  """The released code's layout bug (SPEC §4.6, §10 item 7), as a permutation of the inputs.
+  """The released code's layout bug (docs/decisions.md item 7), as a permutation of the inputs.
 
   The reference views each (ph, pw, c)-flattened patch as (c, ph, pw) before the conv, so the
   conv sees `v.reshape(3, p, p)`. Returned in the (ph, pw, c) order the ViT's kernel expects:
@@ -226,7 +226,7 @@ class ContextBlip(nn.Module):
     """Tokens of the visible patches only: [CLS ; patches at visible_idx] -> [B, 1 + V, D].
 
     Correct layout by default (each patch embedded exactly as the full ViT embeds it); with
-    `reference_patch_layout` the released code's pixel scramble (SPEC §4.6).
+    `reference_patch_layout` the released code's pixel scramble (docs/decisions.md item 7).
     """
     vit = self.pretrained_blip.visual_encoder
     vis = gather_tokens(vit.patchify(pixels), visible_idx)            # [B, V, p*p*3]

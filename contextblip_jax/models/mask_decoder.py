@@ -1,4 +1,4 @@
-"""TMIM pieces (SPEC §4.7-4.10): text adapter, the 4-layer BERT mask decoder, input assembly.
+"""TMIM pieces (docs/method.md#tmim): text adapter, the 4-layer BERT mask decoder, input assembly.
 
   text_embeds = H + TextAdapter(H)                 # H: positive ITM states [B, T, Dt]
   tokens      = [CLS_enc ; patches 0..P-1]         # [B, 1 + P, D], raster order, where patch i is

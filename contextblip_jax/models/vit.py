@@ -1,4 +1,4 @@
-"""BLIP ViT-B/16 vision encoder (SPEC §1.1).
+"""BLIP ViT-B/16 vision encoder (docs/method.md#vision-encoder).
 
 Pre-norm blocks `x + Attn(LN1(x))`, `x + MLP(LN2(x))`, fused qkv, exact GELU, LayerNorm eps
 1e-6, CLS-inclusive learned position embedding, final LayerNorm over all tokens. Submodule names

@@ -103,7 +103,8 @@ def require_platform(asked: str) -> str:
   line = check_platform(asked, backend, jax.devices(), installed_plugins(asked))
   if jax.process_index() == 0:
     logging.info("%s", line)
-    if asked == "auto" and backend == "cpu":
+    chosen = str(jax.config.jax_platforms or "")     # JAX_PLATFORMS=cpu: the CPU was asked for
+    if asked == "auto" and backend == "cpu" and chosen != "cpu":
       for kind in ("gpu", "tpu"):
         for plugin in installed_plugins(kind):
           logging.warning("%s is installed but JAX runs on the CPU (no %s found)", plugin,

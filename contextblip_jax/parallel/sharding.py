@@ -118,14 +118,14 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None,
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def mesh_from_config(cfg: Any) -> jax.sharding.Mesh:
+def mesh_from_config(cfg: Any, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """The run's mesh from `config.mesh` over all devices, or over the first
   `config.num_devices` (single-process runs only; e.g. tests on the 8 forced CPU devices that
-  want one). `config.mesh_dcn` other than all ones (several TPU slices) builds the mesh as
+  want one), or over `devices` when given (the ahead-of-time planner's abstract TPU devices).
+  `config.mesh_dcn` other than all ones (several TPU slices) builds the mesh as
   `config.mesh` inside a slice times `config.mesh_dcn` across slices."""
   n = int(cfg.get("num_devices", 0) or 0)
-  devices = None
-  if n:
+  if n and devices is None:
     if jax.process_count() > 1:
       raise ValueError("config.num_devices applies to single-process runs only")
     devices = jax.devices()[:n]

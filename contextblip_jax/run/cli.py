@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from contextblip_jax.parallel import accelerator, distributed
-from contextblip_jax.storage import checkpoints
+from contextblip_jax.storage import checkpoints, paths
 
 EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
 
@@ -74,7 +74,7 @@ def use_compilation_cache(path: str) -> None:
     return
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.abspath(path)      # local: expanduser + abspath; gs:// URLs unchanged
   previous = jax.config.jax_compilation_cache_dir
   if previous != path:
     cc.set_cache_dir(path)
@@ -87,7 +87,7 @@ def use_compilation_cache(path: str) -> None:
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns the mode's summary dict."""
   use_compilation_cache(config.get("compilation_cache", ""))
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir, exist_ok=True)    # a gs:// workdir: nothing to create
   mode = config.mode
   if mode == "demo":
     from contextblip_jax.run import demo  # pylint: disable=g-import-not-at-top

@@ -29,7 +29,7 @@ import ml_collections
 from contextblip_jax.data import synthetic
 from contextblip_jax.evaluation import accuracy, paper_table
 from contextblip_jax.run import evaluate, train
-from contextblip_jax.storage import lock
+from contextblip_jax.storage import lock, paths
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.storage.atomic import atomic_file
 
@@ -94,6 +94,9 @@ def stage_fingerprint(c: ml_collections.ConfigDict, data_fp: str, previous: str)
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes / reuses) every stage; writes report.md; returns the summary."""
+  if paths.is_remote(workdir):       # its generated dataset and report are local-file code
+    raise wd.WorkdirError(f"--workdir {workdir}: the demo needs a local workdir; the training "
+                          f"and evaluation configs accept gs:// workdirs")
   workdir = os.path.abspath(workdir)
   wd.check_workdir(workdir, "demo", ENTRIES)
   with lock.hold_workdir(workdir):

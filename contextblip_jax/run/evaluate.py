@@ -11,7 +11,6 @@ found (`config.data.propositions_file`, `data/propositions.py`). With
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
@@ -20,7 +19,7 @@ from contextblip_jax.data import imagecode, mmvp, propositions
 from contextblip_jax.evaluation import loop, mmvp_eval, scoring
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.run.model_config import build_model
-from contextblip_jax.storage import param_dir
+from contextblip_jax.storage import param_dir, paths
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.storage.metric_writers import MetricWriter
 from contextblip_jax.training import masking
@@ -54,14 +53,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     split = imagecode.first_sets(split, cfg.eval.max_sets)
   props = propositions.for_split(cfg, split_name, (e.description for e in split.examples))
   evaluator = loop.Evaluator(model, cfg.eval.head, cfg, mesh, shardings)
-  out_dir = os.path.join(workdir, wd.EVAL)
+  out_dir = paths.join(workdir, wd.EVAL)
   with MetricWriter(workdir, stage=cfg.mode) as writer:
     report = loop.evaluate_split(evaluator, params, split, out_dir, name, writer,
                                  propositions=props)
   if cfg.eval.visualize and split.labelled:
     from contextblip_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
     report["figures"] = visualize.attention_figures(
-        model, params, split, os.path.join(out_dir, f"{name}_attention"),
+        model, params, split, paths.join(out_dir, f"{name}_attention"),
         num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
         mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
   return report
@@ -81,5 +80,5 @@ def run_mmvp(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                          mmvp.PAIRS_PER_CATEGORY))
   model, params, mesh, shardings = load_eval_params(cfg, workdir)
   evaluator = mmvp_eval.MmvpEvaluator(model, cfg.eval.head, cfg, mesh, shardings)
-  return mmvp_eval.evaluate_mmvp(evaluator, params, bench, os.path.join(workdir, wd.EVAL),
+  return mmvp_eval.evaluate_mmvp(evaluator, params, bench, paths.join(workdir, wd.EVAL),
                                  f"mmvp_{cfg.eval.head}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -50,7 +49,7 @@ from contextblip_jax.parallel import compilation, distributed
 from contextblip_jax.parallel import sharding as shd
 from contextblip_jax.run import validate_config
 from contextblip_jax.run.model_config import build_model
-from contextblip_jax.storage import checkpoints, lock, param_dir
+from contextblip_jax.storage import checkpoints, lock, param_dir, paths
 from contextblip_jax.storage import workdir as wd
 from contextblip_jax.storage.metric_writers import MetricWriter, Progress
 from contextblip_jax.training import masking, objectives, optim, steps
@@ -150,7 +149,7 @@ class _Eval:
     full = state_shardings.params
     self.shardings = scoring.head_params(full, model, self.head)
     self.evaluator = ev.Evaluator(model, self.head, cfg, mesh, self.shardings)
-    self.out_dir = os.path.join(workdir, wd.EVAL)
+    self.out_dir = paths.join(workdir, wd.EVAL)
     self.model = model
 
   def __call__(self, state, name, writer, step) -> dict[str, Any]:
@@ -191,7 +190,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"train_and_evaluate: mode {stage!r} is not a training stage "
                      f"{TRAIN_STAGES}")
   validate_config.validate(cfg)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.abspath(workdir)
   wd.check_workdir(workdir, stage)
   with lock.hold_workdir(workdir):
     return _train_stage(cfg, workdir, stage, hooks, built_from)
@@ -202,9 +201,9 @@ def _restart_requested(cfg, workdir: str) -> bool:
   restart=True (a requeued restarted run resumes instead of starting over again)."""
   if not cfg.train.restart:
     return False
-  path = os.path.join(workdir, wd.CONFIG)
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
+  path = paths.join(workdir, wd.CONFIG)
+  if paths.isfile(path):
+    with paths.open(path, encoding="utf-8") as f:
       if f.read() == cfg.to_json_best_effort(indent=1, sort_keys=True):
         distributed.log_main("%s: train.restart=True, but the run in this workdir was started "
                              "by this same config with restart=True: resuming it", workdir)
@@ -237,27 +236,20 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
   data = train_pipeline(cfg, stage, model.config.blip.vision.image_size, mesh, counts)
   spe = data.steps_per_epoch
   total = int(cfg.train.num_steps or cfg.train.num_epochs * spe)
-  opt = optim.make_optimizer(cfg.optim, spe)
-  init_fn = functools.partial(_init_tree, model=model, tree=PARAM_TREE[stage],
-                              kernel_scale=cfg.model.init_kernel_scale)
   rules = cfg.sharding_rules
-  loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
-                              cfg=_objective_cfg(cfg), train=True)
   batch_abs = distributed.global_shapes(next(iter(data)), data.global_batch_size)
-  freeze, unreached = [tuple(r) for r in cfg.freeze], []
-  if cfg.freeze_unreached:          # leaves no loss reaches stay as they are (torch: grad None)
-    freeze, unreached = steps.stage_freeze_rules(loss_fn, init_fn, freeze, batch_abs,
-                                                 mesh=mesh, rules=rules)
-    if unreached:
-      distributed.log_main("%s: %d parameters no loss reaches are frozen: %s", stage,
-                           len(unreached), ", ".join(unreached))
-  abstract, state_sh, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=freeze,
-                                                     mesh=mesh, rules=rules)
+  parts = build_train_step(cfg, stage, model, mesh, batch_abs, spe)
+  opt, init_fn, freeze, unreached = parts.opt, parts.init_fn, parts.freeze, parts.unreached
+  abstract, state_sh, step_fn = parts.abstract, parts.state_shardings, parts.step_fn
+  batch_sh = parts.batch_shardings
+  if unreached:
+    distributed.log_main("%s: %d parameters no loss reaches are frozen: %s", stage,
+                         len(unreached), ", ".join(unreached))
   data_iter = iter(data)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, wd.CKPT),
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, wd.CKPT),
                                     save_every=cfg.train.save_every,
                                     max_to_keep=cfg.train.keep_checkpoints,
-                                    corrupt_dir=os.path.join(workdir, wd.CKPT_CORRUPT))
+                                    corrupt_dir=paths.join(workdir, wd.CKPT_CORRUPT))
   meta: dict[str, Any] = {"best_acc": -1.0, "best_step": -1}
   if ckpt.all_steps():
     state, meta, _ = ckpt.restore_intact(abstract, data_iter)
@@ -275,11 +267,6 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
                                       compiler_options=compilation.FAST_COMPILE)
     distributed.log_main("%s: initialised (%s)", stage, f"from {source}" if source else
                          "from scratch")
-  batch_sh = shd.batch_shardings(batch_abs, mesh, rules)
-  reduction = "sum" if stage.startswith("finetune") else "mean"
-  step_fn = steps.make_train_step(loss_fn, opt, state_sh, batch_sh, mesh=mesh, rules=rules,
-                                  accum_steps=cfg.train.accum_steps, reduction=reduction,
-                                  compiler_options=compilation.compiler_options(cfg))
   if cfg.train.compile_report:
     step_fn, report = compilation.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
                                          name=f"{stage} train_step")
@@ -370,7 +357,7 @@ class _FiniteCheck:
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()
-    good = (f"the last good checkpoint is {os.path.join(self.ckpt.directory, str(last))}"
+    good = (f"the last good checkpoint is {paths.join(self.ckpt.directory, str(last))}"
             if last is not None else "no checkpoint was saved yet")
     raise TrainingDivergedError(
         f"{self.stage}: non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} at "
@@ -402,6 +389,45 @@ def _init_tree(rng, *, model, tree, kernel_scale: float = 1.0):
     return value * kernel_scale
   return jax.tree_util.tree_map_with_path(scale, params,
                                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """What `build_train_step` makes for a stage: its optimizer, parameter init, freeze rules,
+  the abstract state (ShapeDtypeStructs with shardings, nothing allocated) and the jitted step."""
+  opt: optim.Optimizer
+  init_fn: Callable[[jax.Array], Any]
+  freeze: list[tuple[str, str]]
+  unreached: list[str]              # trainable leaves no loss reaches, frozen (freeze_unreached)
+  abstract: Any                     # TrainState of ShapeDtypeStructs
+  state_shardings: Any
+  batch_shardings: Any
+  step_fn: Any                      # jit(train_step)
+
+
+def build_train_step(cfg: ml_collections.ConfigDict, stage: str, model: ContextBlip,
+                     mesh: jax.sharding.Mesh, batch_abs: Any, steps_per_epoch: int) -> TrainStep:
+  """The stage's jitted training step and its abstract state on `mesh`, from the config and
+  the global batch's shapes (`batch_abs`: ShapeDtypeStructs) alone: used by the stage itself
+  and by the ahead-of-time planner (`run/plan.py`), which has no data and no devices."""
+  rules = cfg.sharding_rules
+  opt = optim.make_optimizer(cfg.optim, steps_per_epoch)
+  init_fn = functools.partial(_init_tree, model=model, tree=PARAM_TREE[stage],
+                              kernel_scale=cfg.model.init_kernel_scale)
+  loss_fn = functools.partial(objectives.LOSSES[LOSS[stage]], model=model,
+                              cfg=_objective_cfg(cfg), train=True)
+  freeze, unreached = [tuple(r) for r in cfg.freeze], []
+  if cfg.freeze_unreached:          # leaves no loss reaches stay as they are (torch: grad None)
+    freeze, unreached = steps.stage_freeze_rules(loss_fn, init_fn, freeze, batch_abs,
+                                                 mesh=mesh, rules=rules)
+  abstract, state_sh, _ = steps.abstract_train_state(init_fn, tx=opt.tx, freeze_rules=freeze,
+                                                     mesh=mesh, rules=rules)
+  batch_sh = shd.batch_shardings(batch_abs, mesh, rules)
+  reduction = "sum" if stage.startswith("finetune") else "mean"
+  step_fn = steps.make_train_step(loss_fn, opt, state_sh, batch_sh, mesh=mesh, rules=rules,
+                                  accum_steps=cfg.train.accum_steps, reduction=reduction,
+                                  compiler_options=compilation.compiler_options(cfg))
+  return TrainStep(opt, init_fn, freeze, unreached, abstract, state_sh, batch_sh, step_fn)
 
 
 def _objective_cfg(cfg) -> objectives.ObjectiveConfig:
@@ -466,12 +492,12 @@ def _finish(run: StageRun, state, meta: dict[str, Any]) -> dict[str, Any]:
       params = scoring.head_params(state.params, run.model, evaluator.head)
       out["figures"] = visualize.attention_figures(
           run.model, params, evaluator.split,
-          os.path.join(run.workdir, wd.EVAL, f"{evaluator.head}_attention"),
+          paths.join(run.workdir, wd.EVAL, f"{evaluator.head}_attention"),
           num_sets=cfg.eval.visualize, max_length=cfg.data.max_length,
           mask_ratio=cfg.objective.mask_ratio or masking.DEFAULT_MASK_RATIO)
   if not (cfg.train.select_best and evaluator.enabled) or meta.get("best_step", -1) < 0:
     run.export(state, total)          # (also when no epoch was validated for selection)
-  out["export"] = os.path.join(run.workdir, wd.EXPORT)
+  out["export"] = paths.join(run.workdir, wd.EXPORT)
   return out
 
 

@@ -6,9 +6,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from contextblip_jax.storage import paths
 
 
 @contextlib.contextmanager
@@ -20,7 +23,11 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
   block raises, the temporary directory is removed and `out_dir` is left as it was. Callers
   decide beforehand whether replacing an existing `out_dir` is allowed.
   """
-  out_dir = os.path.abspath(out_dir)
+  out_dir = paths.abspath(out_dir)
+  if paths.is_remote(out_dir):
+    with _remote_directory(out_dir) as tmp:
+      yield tmp
+    return
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   name = os.path.basename(out_dir)
@@ -45,6 +52,23 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def _remote_directory(out_dir: str) -> Iterator[str]:
+  """atomic_directory for a URL: the block writes under the prefix `.<name>.tmp-<random>`
+  beside `out_dir`, which replaces `out_dir` (object by object: not atomic, see
+  storage/paths.py) only when the block finished."""
+  tmp = paths.join(paths.dirname(out_dir),
+                   f".{paths.basename(out_dir)}.tmp-{uuid.uuid4().hex[:12]}")
+  try:
+    yield tmp
+    if paths.exists(out_dir):
+      paths.rmtree(out_dir)
+    paths.rename(tmp, out_dir)
+  except BaseException:
+    paths.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def check_replaceable(out_dir: str, sources: Sequence[str], ours: Callable[[str], bool],
                       what: str) -> None:
   """Raises FileExistsError unless `out_dir` may be replaced by an `overwrite` write.
@@ -54,17 +78,17 @@ def check_replaceable(out_dir: str, sources: Sequence[str], ours: Callable[[str]
   Refused, naming the directory: one that is or holds a source, a file, and any directory
   without the marker (`what` says which marker was expected).
   """
-  out = os.path.realpath(out_dir)
+  out = paths.realpath(out_dir)
   for src in sources:
-    s = os.path.realpath(src)
+    s = paths.realpath(src)
     if s == out or s.startswith(out.rstrip(os.sep) + os.sep):
       raise FileExistsError(f"refusing to replace {out_dir}: it {'is' if s == out else 'holds'} "
                             f"the source {src}; choose another output directory")
-  if not os.path.lexists(out_dir):
+  if not paths.lexists(out_dir):
     return
-  if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+  if not paths.isdir(out_dir) or paths.islink(out_dir):
     raise FileExistsError(f"refusing to replace {out_dir}: not a directory this project wrote")
-  if os.listdir(out_dir) and not ours(out_dir):
+  if paths.listdir(out_dir) and not ours(out_dir):
     raise FileExistsError(f"refusing to replace {out_dir}: it is not {what} (no marker file "
                           f"found), so overwrite could destroy files it did not write; remove "
                           f"it yourself or choose another output directory")
@@ -73,18 +97,10 @@ def check_replaceable(out_dir: str, sources: Sequence[str], ours: Callable[[str]
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
   """Yields a file open for writing beside `path` that replaces `path` when the block
-  finishes (os.replace); when the block raises it is removed and `path` is left as it was."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  try:
-    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  finishes (os.replace); when the block raises it is removed and `path` is left as it was.
+  For a URL (gs://) the file is local and uploaded whole at the end (storage/paths.py)."""
+  with paths.atomic_write(path, mode) as f:
+    yield f
 
 
 def json_default(x: Any) -> Any:

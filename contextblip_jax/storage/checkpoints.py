@@ -31,7 +31,6 @@ loop then saves, waits for the save to finish and exits cleanly.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -41,6 +40,8 @@ from typing import Any, Callable, Mapping
 import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
+
+from contextblip_jax.storage import paths
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
 
@@ -71,8 +72,8 @@ class Checkpointer:
                async_save: bool = True, corrupt_dir: str | None = None):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 (or None: all), got {max_to_keep}")
-    self.directory = os.path.abspath(directory)
-    self.corrupt_dir = os.path.abspath(corrupt_dir or self.directory + "_corrupt")
+    self.directory = paths.abspath(directory)
+    self.corrupt_dir = paths.abspath(corrupt_dir or self.directory + "_corrupt")
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -127,7 +128,7 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
     if data_iter is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITER)):
+      if not paths.isdir(paths.join(self.directory, str(step), DATA_ITER)):
         raise FileNotFoundError(
             f"checkpoint {self.directory}/{step} holds no data iterator state to restore")
       items[DATA_ITER] = grain_ckpt.CheckpointRestore(data_iter)
@@ -143,7 +144,7 @@ class Checkpointer:
     """
     bad: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
-      path = os.path.join(self.directory, str(step))
+      path = paths.join(self.directory, str(step))
       try:
         state, meta = self.restore(abstract_state, data_iter, step)
       except Exception as e:  # noqa: BLE001 - reported with the path, then the next step
@@ -163,7 +164,7 @@ class Checkpointer:
     newest, reason = bad[0]
     raise CheckpointRestoreError(
         f"no checkpoint in {self.directory} can be restored; the newest, "
-        f"{os.path.join(self.directory, str(newest))}, fails with {reason}"
+        f"{paths.join(self.directory, str(newest))}, fails with {reason}"
         + (f" ({len(bad) - 1} older steps fail too)" if len(bad) > 1 else "")
         + ". If the config changed since they were written, they do not fit the new state: "
         "start over with --config.train.restart=True (moves them aside) or a new --workdir")
@@ -171,10 +172,10 @@ class Checkpointer:
   def _move_aside(self, steps: list[int]) -> None:
     """Moves step directories to corrupt_dir (process 0) and re-reads the step list."""
     if jax.process_index() == 0:
-      os.makedirs(self.corrupt_dir, exist_ok=True)
+      paths.makedirs(self.corrupt_dir, exist_ok=True)
       for step in steps:
-        dest = os.path.join(self.corrupt_dir, f"{step}.{int(time.time())}")
-        os.rename(os.path.join(self.directory, str(step)), dest)
+        dest = paths.join(self.corrupt_dir, f"{step}.{int(time.time())}")
+        paths.rename(paths.join(self.directory, str(step)), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"checkpoint_move_aside:{self.directory}")

@@ -11,6 +11,10 @@ return). A run killed with kill -9 leaves the file behind; the next run
     seen from here) and says to remove the file once no run uses the workdir;
   * unreadable (a crash between creating and writing it): refuses naming the file.
 
+On GCS (a gs:// workdir) the lock is an object created with the precondition "must not
+exist" (ifGenerationMatch=0, storage/paths.create_exclusive), so of two racing runs exactly
+one creates it there too. Other remote schemes check then write, which is not race-free.
+
 In a multi-process run only process 0 takes the lock (`WorkdirLock(..., enabled=...)`); the
 caller makes every process stop when process 0 was refused.
 """
@@ -28,6 +32,7 @@ import time
 from typing import Iterator
 
 from contextblip_jax.parallel import distributed
+from contextblip_jax.storage import paths
 
 LOCK = "LOCK"
 
@@ -55,27 +60,21 @@ class WorkdirLock:
   """
 
   def __init__(self, directory: str, enabled: bool = True):
-    self.directory = os.path.abspath(directory)
-    self.path = os.path.join(self.directory, LOCK)
+    self.directory = paths.abspath(directory)
+    self.path = paths.join(self.directory, LOCK)
     self.enabled = enabled
     self._held = False
 
   def acquire(self) -> None:
     if not self.enabled:
       return
-    os.makedirs(self.directory, exist_ok=True)
+    paths.makedirs(self.directory, exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "start": time.time(),
               "argv": sys.argv[:8]}
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not paths.create_exclusive(self.path, json.dumps(record).encode()):
         self._judge_existing()       # raises, or removed a stale lock: try again
         continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
       self._held = True
       return
     raise WorkdirBusyError(f"{self.path}: could not take the workdir lock (another run keeps "
@@ -84,7 +83,7 @@ class WorkdirLock:
   def _judge_existing(self) -> None:
     """Removes a stale lock of this host; raises WorkdirBusyError otherwise."""
     try:
-      with open(self.path, encoding="utf-8") as f:
+      with paths.open(self.path, encoding="utf-8") as f:
         other = json.load(f)
       pid, host = int(other["pid"]), str(other["host"])
     except FileNotFoundError:
@@ -106,7 +105,7 @@ class WorkdirLock:
     logging.warning("%s: removing the stale lock of process %d (no longer running; started "
                     "%s)", self.directory, pid, since)
     try:
-      os.remove(self.path)
+      paths.remove(self.path)
     except FileNotFoundError:
       pass
 
@@ -115,13 +114,13 @@ class WorkdirLock:
       return
     self._held = False
     try:
-      with open(self.path, encoding="utf-8") as f:
+      with paths.open(self.path, encoding="utf-8") as f:
         mine = json.load(f).get("pid") == os.getpid()
     except (OSError, ValueError):
       mine = False
     if mine:
       try:
-        os.remove(self.path)
+        paths.remove(self.path)
       except OSError as e:
         if e.errno != errno.ENOENT:
           raise

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
+
+from contextblip_jax.storage import paths
 
 
 def _to_float(v: Any) -> float | None:
@@ -45,10 +46,10 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(logdir, exist_ok=True)
+      paths.makedirs(logdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=os.path.join(logdir, "tb"))
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._tb = SummaryWriter(logdir=paths.join(logdir, "tb"))
+      self._jsonl = paths.open(paths.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """One JSONL record and one TensorBoard scalar per entry (non-numeric values: JSONL only)."""
@@ -88,9 +89,9 @@ class MetricWriter:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file (a directory holding one is accepted)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
+  if paths.isdir(path):
+    path = paths.join(path, "metrics.jsonl")
+  with paths.open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

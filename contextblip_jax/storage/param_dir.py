@@ -33,8 +33,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from typing import Any, Iterator
 
@@ -44,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from contextblip_jax.models.contextblip import ContextBlipConfig
 from contextblip_jax.models.variants import BlipConfig
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.atomic import atomic_directory, json_default
 
 FORMAT = "contextblip_jax.params/2"
@@ -102,8 +101,8 @@ def write_param_dir(out_dir: str, params: Any, model: ContextBlipConfig,
     provenance: what wrote DIR ('writer' and its fields); FORMAT and the time are added.
     vocab_path: the vocabulary copied to vocab.txt.
   """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
+  out_dir = paths.abspath(out_dir)
+  if paths.exists(out_dir) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out_dir} (pass overwrite)")
   if "pretrained_blip" not in params:
     raise ValueError(f"{out_dir}: params must hold a 'pretrained_blip' group")
@@ -113,11 +112,11 @@ def write_param_dir(out_dir: str, params: Any, model: ContextBlipConfig,
   provenance = {"time": time.time(), **provenance, "format": FORMAT}
   with _staging_directory(out_dir) as tmp:
     with ocp.StandardCheckpointer() as ckptr:     # collective when there are several processes
-      ckptr.save(os.path.join(tmp, PARAMS), params)
+      ckptr.save(paths.join(tmp, PARAMS), params)
     if jax.process_index() == 0:
-      shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB))
-      _write_json(os.path.join(tmp, MODEL), model.to_dict())
-      _write_json(os.path.join(tmp, PROVENANCE), provenance)
+      paths.copyfile(vocab_path, paths.join(tmp, VOCAB))
+      _write_json(paths.join(tmp, MODEL), model.to_dict())
+      _write_json(paths.join(tmp, PROVENANCE), provenance)
   return out_dir
 
 
@@ -149,7 +148,7 @@ def _broadcast_path(path: str) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
+  with paths.open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
 
 
@@ -166,35 +165,35 @@ def load_param_dir(path: str) -> ParamDir:
     return _load_legacy_converted(d)
   if kind == "legacy_export":
     return _load_legacy_export(d)
-  provenance = _read_json(os.path.join(d, PROVENANCE))
+  provenance = _read_json(paths.join(d, PROVENANCE))
   if provenance.get("format") != FORMAT:
-    raise ValueError(f"{os.path.join(d, PROVENANCE)}: unknown format "
+    raise ValueError(f"{paths.join(d, PROVENANCE)}: unknown format "
                      f"{provenance.get('format')!r}, expected {FORMAT!r} (written by a newer "
                      f"contextblip_jax?)")
   for name in (PARAMS, MODEL, VOCAB):
-    if not os.path.exists(os.path.join(d, name)):
+    if not paths.exists(paths.join(d, name)):
       raise FileNotFoundError(f"{d}: parameter directory without {name}")
-  model = _model_from(os.path.join(d, MODEL))
-  params = _restore(os.path.join(d, PARAMS))
+  model = _model_from(paths.join(d, MODEL))
+  params = _restore(paths.join(d, PARAMS))
   if model.use_adapter != (ADAPTER in params):
     raise ValueError(f"{d}: {MODEL} says use_adapter={model.use_adapter} but params/ "
                      f"{'holds' if ADAPTER in params else 'lacks'} '{ADAPTER}'")
-  return ParamDir(d, params, model, os.path.join(d, VOCAB), provenance)
+  return ParamDir(d, params, model, paths.join(d, VOCAB), provenance)
 
 
 def read_provenance(path: str) -> dict[str, Any] | None:
   """provenance.json of the parameter directory at `path` (or its workdir's export/);
   None for a directory in a legacy layout."""
   d, kind = _locate(path)
-  return _read_json(os.path.join(d, PROVENANCE)) if kind == "params" else None
+  return _read_json(paths.join(d, PROVENANCE)) if kind == "params" else None
 
 
 def is_parameter_directory(path: str) -> bool:
   """True when `path` itself is a parameter directory (this format or a legacy converter
   directory): provenance.json, params/ + model.json, or a legacy config.json."""
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     return False
-  names = set(os.listdir(path))
+  names = set(paths.listdir(path))
   return (PROVENANCE in names or {PARAMS, MODEL} <= names
           or _legacy_converted_format(path) is not None)
 
@@ -211,14 +210,14 @@ def describe(provenance: dict[str, Any]) -> str:
 
 def _locate(path: str) -> tuple[str, str]:
   """(the parameter directory, its kind) for a parameter directory or a stage workdir."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.abspath(path)
+  if not paths.isdir(path):
     raise FileNotFoundError(f"{path}: no such parameter directory"
-                            + ("" if not os.path.exists(path) else " (a file)"))
-  for d in (path, os.path.join(path, EXPORT)):
-    if not os.path.isdir(d):
+                            + ("" if not paths.exists(path) else " (a file)"))
+  for d in (path, paths.join(path, EXPORT)):
+    if not paths.isdir(d):
       continue
-    if os.path.isfile(os.path.join(d, PROVENANCE)):
+    if paths.isfile(paths.join(d, PROVENANCE)):
       return d, "params"
     if _legacy_converted_format(d):
       return d, "legacy_converted"
@@ -230,7 +229,7 @@ def _locate(path: str) -> tuple[str, str]:
 
 def _read_json(path: str) -> dict[str, Any]:
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
@@ -256,11 +255,11 @@ def _restore(params_dir: str) -> dict[str, Any]:
 def _legacy_converted_format(d: str) -> str | None:
   """The format of a legacy converter directory's config.json (None if it is not one; a
   stage workdir's config.json, the run config, has no 'format')."""
-  cfg = os.path.join(d, "config.json")
-  if not os.path.isfile(cfg):
+  cfg = paths.join(d, "config.json")
+  if not paths.isfile(cfg):
     return None
   try:
-    with open(cfg, encoding="utf-8") as f:
+    with paths.open(cfg, encoding="utf-8") as f:
       fmt = str(json.load(f).get("format", ""))
   except (json.JSONDecodeError, AttributeError):
     return None
@@ -269,8 +268,8 @@ def _legacy_converted_format(d: str) -> str | None:
 
 def _legacy_export_step(d: str) -> int | None:
   """The newest step of a legacy export (CheckpointManager steps holding 'state')."""
-  steps = [int(n) for n in os.listdir(d)
-           if n.isdigit() and os.path.isdir(os.path.join(d, n, "state"))]
+  steps = [int(n) for n in paths.listdir(d)
+           if n.isdigit() and paths.isdir(paths.join(d, n, "state"))]
   return max(steps) if steps else None
 
 
@@ -281,17 +280,17 @@ def _warn_legacy(d: str, kind: str, source: str = "") -> None:
 
 
 def _load_legacy_converted(d: str) -> ParamDir:
-  meta = _read_json(os.path.join(d, "config.json"))
+  meta = _read_json(paths.join(d, "config.json"))
   source = str(meta.get("source", ""))
   _warn_legacy(d, "converted", source.split(":", 1)[-1] if ":" in source else "")
   adapter = meta.get("adapter")
   model = blip_model_config(BlipConfig.from_dict(meta["model"]),
                             adapter["taps"] if adapter else None,
                             adapter["reduction"] if adapter else 2)
-  params = _restore(os.path.join(d, PARAMS))
+  params = _restore(paths.join(d, PARAMS))
   provenance = {"format": meta["format"], "legacy": True, "writer": "weight_convert",
                 "source": {"path": source, "format": "legacy"}}
-  return ParamDir(d, params, model, os.path.join(d, VOCAB), provenance)
+  return ParamDir(d, params, model, paths.join(d, VOCAB), provenance)
 
 
 def _load_legacy_export(d: str) -> ParamDir:

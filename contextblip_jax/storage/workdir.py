@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from contextblip_jax.storage import param_dir
+from contextblip_jax.storage import param_dir, paths
 from contextblip_jax.storage.atomic import atomic_file, json_default
 from contextblip_jax.models.contextblip import ContextBlipConfig
 
@@ -74,12 +73,12 @@ def check_workdir(workdir: str, mode: str, extra_entries: tuple[str, ...] = ()) 
   workdir's (STAGE_ENTRIES + `extra_entries`). A missing or empty directory is fine, and so
   is one holding only a workdir's entries (e.g. a run killed before it wrote config.json).
   """
-  workdir = os.path.abspath(workdir)
-  if not os.path.exists(workdir):
+  workdir = paths.abspath(workdir)
+  if not paths.exists(workdir):
     return
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise WorkdirError(f"--workdir {workdir} is a file, not a directory")
-  names = set(os.listdir(workdir))
+  names = set(paths.listdir(workdir))
   if not names:
     return
   how = "choose a new (or empty) --workdir"
@@ -91,7 +90,7 @@ def check_workdir(workdir: str, mode: str, extra_entries: tuple[str, ...] = ()) 
       "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}):
     raise WorkdirError(f"--workdir {workdir} is a Hugging Face model directory; {how}")
   if CONFIG in names:
-    old_mode = _config_mode(os.path.join(workdir, CONFIG))
+    old_mode = _config_mode(paths.join(workdir, CONFIG))
     if old_mode is None:
       raise WorkdirError(f"--workdir {workdir} holds a config.json that is not a run "
                          f"config (no 'mode'); it is not a workdir: {how}")
@@ -107,7 +106,7 @@ def check_workdir(workdir: str, mode: str, extra_entries: tuple[str, ...] = ()) 
 
 def _config_mode(path: str) -> str | None:
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       mode = json.load(f).get("mode")
   except (OSError, ValueError, AttributeError):
     return None
@@ -118,14 +117,14 @@ def previous_run(workdir: str) -> list[str]:
   """What a previous run left in `workdir` (besides config.json): metrics, TensorBoard files,
   checkpoint steps (temporary ones included), an export; [] when none."""
   found = []
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+  metrics = paths.join(workdir, "metrics.jsonl")
+  if paths.isfile(metrics) and paths.getsize(metrics) > 0:
     found.append("metrics.jsonl")
   for name in ("tb", CKPT, CKPT_CORRUPT):
-    d = os.path.join(workdir, name)
-    if os.path.isdir(d) and os.listdir(d):
-      found.append(f"{name}/ ({', '.join(sorted(os.listdir(d))[:4])})")
-  if os.path.isdir(os.path.join(workdir, EXPORT)):
+    d = paths.join(workdir, name)
+    if paths.isdir(d) and paths.listdir(d):
+      found.append(f"{name}/ ({', '.join(sorted(paths.listdir(d))[:4])})")
+  if paths.isdir(paths.join(workdir, EXPORT)):
     found.append(f"{EXPORT}/")
   return found
 
@@ -133,17 +132,17 @@ def previous_run(workdir: str) -> list[str]:
 def move_previous_run(workdir: str) -> str | None:
   """Moves a previous run's files (RUN_ENTRIES) into <workdir>/restarted.<time>/ (nothing is
   deleted); returns that directory, or None when there was nothing to move."""
-  present = [n for n in RUN_ENTRIES if os.path.exists(os.path.join(workdir, n))]
+  present = [n for n in RUN_ENTRIES if paths.exists(paths.join(workdir, n))]
   if not present or jax.process_index() != 0:
     return None
-  dest = os.path.join(workdir, f"restarted.{time.strftime('%Y%m%d-%H%M%S')}")
+  dest = paths.join(workdir, f"restarted.{time.strftime('%Y%m%d-%H%M%S')}")
   n = 0
-  while os.path.exists(dest + (f".{n}" if n else "")):
+  while paths.exists(dest + (f".{n}" if n else "")):
     n += 1
   dest += f".{n}" if n else ""
-  os.makedirs(dest)
+  paths.makedirs(dest)
   for name in present:
-    os.rename(os.path.join(workdir, name), os.path.join(dest, name))
+    paths.rename(paths.join(workdir, name), paths.join(dest, name))
   logging.warning("%s: train.restart=True: moved the previous run's %s to %s", workdir,
                   ", ".join(present), dest)
   return dest
@@ -151,11 +150,11 @@ def move_previous_run(workdir: str) -> str | None:
 
 def read_built_from(workdir: str) -> dict[str, Any] | None:
   """<workdir>/built_from.json (what the stage was built from), or None."""
-  path = os.path.join(workdir, BUILT_FROM)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, BUILT_FROM)
+  if not paths.isfile(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       return json.load(f)
   except ValueError:
     return None
@@ -164,8 +163,8 @@ def read_built_from(workdir: str) -> dict[str, Any] | None:
 def write_built_from(workdir: str, record: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with atomic_file(os.path.join(workdir, BUILT_FROM)) as f:
+  paths.makedirs(workdir, exist_ok=True)
+  with atomic_file(paths.join(workdir, BUILT_FROM)) as f:
     json.dump(record, f, indent=1, sort_keys=True, default=json_default)
 
 # ------------------------------------------------------------------ export / done markers
@@ -180,24 +179,24 @@ def export_params(workdir: str, params: Any, stage: str, model: ContextBlipConfi
     model = model.replace(use_adapter=False)   # model.json describes the tree (backbone stage)
   init_record = None
   if init:
-    init_record = {"path": os.path.abspath(init), "provenance": param_dir.read_provenance(init)}
+    init_record = {"path": paths.abspath(init), "provenance": param_dir.read_provenance(init)}
   provenance = {"writer": "train", "stage": stage, "init": init_record, **meta}
-  return param_dir.write_param_dir(os.path.join(workdir, EXPORT), params, model, provenance,
+  return param_dir.write_param_dir(paths.join(workdir, EXPORT), params, model, provenance,
                                    vocab_path=vocab_path, overwrite=True)
 
 
 def read_done(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, DONE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, DONE)
+  if not paths.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
 def write_done(workdir: str, summary: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  with atomic_file(os.path.join(workdir, DONE)) as f:
+  with atomic_file(paths.join(workdir, DONE)) as f:
     json.dump(summary, f, indent=1, sort_keys=True, default=json_default)
 
 
@@ -205,15 +204,15 @@ def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   """<workdir>/config.json; a different earlier config is kept as config.<time>.json."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG)
+  paths.makedirs(workdir, exist_ok=True)
+  path = paths.join(workdir, CONFIG)
   text = cfg.to_json_best_effort(indent=1, sort_keys=True)
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
+  if paths.isfile(path):
+    with paths.open(path, encoding="utf-8") as f:
       old = f.read()
     if old != text:
       logging.warning("%s: the config differs from the previous run's (kept as "
                       "config.<time>.json)", workdir)
-      os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
-  with open(path, "w", encoding="utf-8") as f:
+      paths.rename(path, paths.join(workdir, f"config.{int(time.time())}.json"))
+  with paths.open(path, "w", encoding="utf-8") as f:
     f.write(text)

@@ -1,7 +1,8 @@
-"""Pure loss functions (SPEC §4.10, §5, §6): ITM with hard negatives, TMIM MSE, ITC, candidate
+"""Pure loss functions (docs/method.md): ITM with hard negatives, TMIM MSE, ITC, candidate
 cross-entropy and accuracy. Everything is computed in float32.
 
-Hard-negative sampling (SPEC §5.2-5.3, §10 item 10):
+Hard-negative sampling (docs/method.md#hard-negatives;
+docs/decisions.md item 10):
   w = softmax(sim / temperature, axis=1) + 1e-4, diagonal set to 0      # per row
   neg[b] ~ Categorical(w[b])                                            # jax.random.categorical
 ContextBLIP uses raw cosine similarities (temperature None) of the frozen ITC features; BLIP

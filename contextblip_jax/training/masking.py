@@ -1,4 +1,5 @@
-"""Text-guided patch masking for TMIM (SPEC §4.1-4.4, §10 items 5-6).
+"""Text-guided patch masking for TMIM (docs/method.md#masking;
+docs/decisions.md items 5-6).
 
 `select_masked_patches` is the one entry point: cross-attention probabilities of the positive
 ITM forward -> (masked_idx [B, M], visible_idx [B, P - M]), M = int(ratio * P).
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 TOKEN_CHOICES = ("reference", "valid_mean", "per_example")
-DEFAULT_MASK_RATIO = 0.25   # pi of the paper (SPEC §10 item 13); the one default in the code
+DEFAULT_MASK_RATIO = 0.25   # pi of the paper (docs/decisions.md item 13); the one default in the code
 
 
 def num_masked(mask_ratio: float, num_patches: int) -> int:

@@ -1,4 +1,4 @@
-"""Per-stage loss functions of ContextBLIP (SPEC §4-7).
+"""Per-stage loss functions of ContextBLIP (docs/method.md).
 
 Every loss has the one signature the training machinery calls:
 
@@ -16,9 +16,9 @@ Losses:
   backbone_loss         BLIP from scratch: ITC + ITM with hard negatives.
                         batch {"image" [B,S,S,3] f32, "input_ids" [B,T] i32 [CLS]-first,
                         "attention_mask" [B,T]}
-  pretrain_loss         ContextBLIP pre-training: L_itm + L_tmim (SPEC §5.7 order); same batch.
-  finetune_stage1_loss  CE over the K candidates, SUM over the G examples (SPEC §6.2).
-  finetune_stage2_loss  inter-context encoder on frozen stage-1 features, SUM over G (§6.3).
+  pretrain_loss         ContextBLIP pre-training: L_itm + L_tmim (reference order); same batch.
+  finetune_stage1_loss  CE over the K candidates, SUM over the G examples.
+  finetune_stage2_loss  inter-context encoder on frozen stage-1 features, SUM over G.
                         batch {"images" [G,K,S,S,3], "input_ids" [G,T], "attention_mask" [G,T],
                         "label" [G] i32, "is_video" [G] bool, optional "example_mask" [G]
                         bool: False on the rows padding an epoch's last, partial batch;
@@ -51,7 +51,7 @@ Metrics = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """Options of the losses that are not part of the model."""
-  frozen_dropout: bool = True   # dropout in frozen modules active when train (SPEC §10 item 16)
+  frozen_dropout: bool = True   # dropout in frozen modules active when train (docs/decisions.md item 16)
   itc_temperature: float = 0.07  # backbone_loss: ITC temperature, also divides the sampling sims
   negatives_group_size: int | None = None  # hard negatives drawn within groups of this many
                                            # rows (the per-device batch); None = global batch
@@ -110,7 +110,7 @@ def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...], fn: str):
 def itm_with_hard_negatives(params, model, input_ids, attention_mask, image_embeds, sim_i2t,
                             key, *, group_size=None, deterministic=True, rng=None,
                             return_cross_attentions=False):
-  """Positive, negative-image and negative-text ITM forwards (SPEC §5.3-5.4).
+  """Positive, negative-image and negative-text ITM forwards (docs/method.md#hard-negatives).
 
   sim_i2t [B, B] (image rows, text columns) gives the sampling weights (softmax per row, no
   further temperature). Returns (logits [3B, 2] in pos / neg-image / neg-text order, positive
@@ -160,7 +160,7 @@ def backbone_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bo
 
 # ------------------------------------------------------------------ (b) ContextBLIP pre-training
 def pretrain_loss(params, batch, rng, *, model: ContextBlip, cfg=None, train: bool = True):
-  """L = L_itm + L_tmim in the reference order (SPEC §5.7); cfg.mask_ratio 0 gives ITM only.
+  """L = L_itm + L_tmim in the reference order (docs/method.md#pre-training); cfg.mask_ratio 0 gives ITM only.
 
   The frozen ViT passes and the ITC sampling features are computed under stop_gradient (the
   reference's no_grad); the gradient reaches the adapter through the frozen text encoder.
@@ -213,7 +213,7 @@ EXAMPLE_MASK = "example_mask"   # optional batch key (data/pipeline.py EXAMPLE_M
 
 
 def _candidate_features(params, batch, *, model, deterministic, rng):
-  """L2-normalised [ENC] features [G, K, Dt] of the adapted multimodal forward (SPEC §6.1)."""
+  """L2-normalised [ENC] features [G, K, Dt] of the adapted multimodal forward (docs/method.md#stage-1)."""
   embeds = _apply(model, params, ContextBlip.encode_candidates, batch["images"])  # [G,K,N,D]
   enc = _apply(model, params, ContextBlip.candidate_states, embeds, batch["input_ids"],
                batch["attention_mask"], deterministic, rng=rng)             # [G, K, Dt]
@@ -239,7 +239,7 @@ def _candidate_loss(logits, labels, example_mask=None):
 
 def finetune_stage1_loss(params, batch, rng, *, model: ContextBlip, cfg=None,
                          train: bool = True):
-  """Stage 1: prediction_layer on the features -> CE over K; everything trains (SPEC §6.2)."""
+  """Stage 1: prediction_layer on the features -> CE over K; everything trains."""
   as_objective_config(cfg)
   _check_batch(batch, _FINETUNE_KEYS, "finetune_stage1_loss")
   feat = _candidate_features(params, batch, model=model, deterministic=not train,

@@ -1,13 +1,14 @@
-"""Optimizers and learning-rate schedules (SPEC §6.2-6.3, §7.1, §7.3, §10 items 17-18).
+"""Optimizers and learning-rate schedules (docs/method.md#optimizers;
+docs/decisions.md items 17-18).
 
 Three kinds, chosen by `config.kind`:
 
-* `pretrain` (SPEC §7.1): decoupled AdamW (`optax.adamw`; lr 3e-4, wd 0.05 on every trainable
+* `pretrain`: decoupled AdamW (`optax.adamw`; lr 3e-4, wd 0.05 on every trainable
   leaf, betas (0.9, 0.999), eps 1e-8) with the reference's per-epoch schedule:
     epoch 0, iteration i:  lr = min(lr0, warmup_lr + (lr0 - warmup_lr) * i / warmup_steps)
     epoch e >= 1:          lr = max(min_lr, lr0 * decay**e)
   The warm-up (3000 steps) is cut at the end of epoch 0, so the lr jumps at epoch 1 (item 18).
-* `finetune` (SPEC §6.2-6.3, item 17): torch `Adam` with *coupled* L2 weight decay,
+* `finetune` (item 17): torch `Adam` with *coupled* L2 weight decay,
   `chain(add_decayed_weights(0.2), scale_by_adam(0.9, 0.98, 1e-6), scale_by_learning_rate(s))`,
   with parameter groups (regex -> group name, first match wins) of different lrs through
   `optax.multi_transform`; each group's lr is `lr_g * 0.95**epoch`, stepped per epoch.
@@ -44,7 +45,7 @@ class Optimizer:
 def pretrain_schedule(steps_per_epoch: int, lr: float = 3e-4, warmup_steps: int = 3000,
                       warmup_lr: float = 1e-6, decay: float = 0.9,
                       min_lr: float = 1e-6) -> Schedule:
-  """SPEC §7.1: linear warm-up inside epoch 0 only, then max(min_lr, lr * decay**epoch)."""
+  """Linear warm-up inside epoch 0 only, then max(min_lr, lr * decay**epoch)."""
   if steps_per_epoch <= 0:
     raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
 
@@ -121,7 +122,7 @@ def grouped(transforms: Mapping[str, optax.GradientTransformation],
 # ----------------------------------------------------------------------------- configs
 
 def default_config(kind: str = "pretrain") -> ml_collections.ConfigDict:
-  """SPEC defaults for one optimizer kind: 'pretrain', 'finetune_stage1', 'finetune_stage2',
+  """The reference's defaults for one optimizer kind: 'pretrain', 'finetune_stage1', 'finetune_stage2',
   'adamw_cosine'."""
   c = ml_collections.ConfigDict()
   if kind == "pretrain":
