@@ -54,6 +54,18 @@ from weight_convert.loaders import STAGE_LAYOUTS, ConversionError, file_key
 Log = Callable[[str], None]
 
 
+
+def _check_tree(flat: dict, want: dict) -> None:
+  """Raises ConversionError naming every missing, unexpected or mis-shaped parameter of the
+  flat tree `flat` against the abstract flat tree `want`."""
+  problems = [f"missing {p}" for p in sorted(set(want) - set(flat))]
+  problems += [f"unexpected {p}" for p in sorted(set(flat) - set(want))]
+  problems += [f"{p} has shape {list(np.shape(flat[p]))}, config needs {list(want[p].shape)}"
+               for p in sorted(set(flat) & set(want)) if np.shape(flat[p]) != want[p].shape]
+  if problems:
+    raise ConversionError("parameters do not match the config: " + "; ".join(problems))
+
+
 def to_state_dict(params: dict[str, Any], config: BlipConfig, fmt: str = "hf"
                   ) -> dict[str, np.ndarray]:
   """Blip params (or {"pretrained_blip": ...}) -> PyTorch-layout state dict in format `fmt`.
@@ -67,12 +79,7 @@ def to_state_dict(params: dict[str, Any], config: BlipConfig, fmt: str = "hf"
   config = config.with_layers(scan_layers=False)
   flat = traverse_util.flatten_dict({"pretrained_blip": blip}, sep="/")
   want = traverse_util.flatten_dict(abstract_params(config), sep="/")
-  problems = [f"missing {p}" for p in sorted(set(want) - set(flat))]
-  problems += [f"unexpected {p}" for p in sorted(set(flat) - set(want))]
-  problems += [f"{p} has shape {list(np.shape(flat[p]))}, config needs {list(want[p].shape)}"
-               for p in sorted(set(flat) & set(want)) if np.shape(flat[p]) != want[p].shape]
-  if problems:
-    raise ConversionError("parameters do not match the config: " + "; ".join(problems))
+  _check_tree(flat, want)
   state = {}
   for path, value in flat.items():
     key, rule = mapping.source_key(path, fmt)
@@ -176,12 +183,7 @@ def to_authors_state_dict(params: dict[str, Any], model: ContextBlipConfig,
   want = traverse_util.flatten_dict(abstract_params(
       model if "vision_adapter" in params else model.replace(use_adapter=False), groups), sep="/")
   flat = traverse_util.flatten_dict(params, sep="/")
-  problems = [f"missing {p}" for p in sorted(set(want) - set(flat))]
-  problems += [f"unexpected {p}" for p in sorted(set(flat) - set(want))]
-  problems += [f"{p} has shape {list(np.shape(flat[p]))}, config needs {list(want[p].shape)}"
-               for p in sorted(set(flat) & set(want)) if np.shape(flat[p]) != want[p].shape]
-  if problems:
-    raise ConversionError("parameters do not match the config: " + "; ".join(problems))
+  _check_tree(flat, want)
   state = {}
   for path, value in flat.items():
     key, rule = mapping.source_key(path, "original")
