@@ -39,7 +39,6 @@ shot1_8, golds 3 and 4).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from typing import Any, Sequence
@@ -153,18 +152,7 @@ def gold_index(key: Any) -> int | None:
 
 
 def _load_json(path: str) -> Any:
-  try:
-    with fs_paths.open(path, encoding="utf-8") as f:
-      data = json.load(f, object_pairs_hook=unique_keys.object_pairs)
-  except FileNotFoundError as e:
-    raise ImagecodeDataError(f"{path}: annotation file not found") from e
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ImagecodeDataError(f"{path}: not valid JSON ({e})") from e
-  dup = unique_keys.first_duplicate(data)
-  if dup is not None:
-    raise ImagecodeDataError(f"{path}: duplicate key {dup!r} (JSON would keep only the later "
-                             f"value); remove or rename one of them")
-  return data
+  return unique_keys.load_json(path, ImagecodeDataError, "annotation file")
 
 
 def _detect_labelled(path: str, data: dict) -> bool:

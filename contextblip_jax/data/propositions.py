@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any, Iterable, Mapping
 
@@ -51,16 +50,7 @@ class Propositions:
 
 def load_propositions(path: str) -> dict[str, int]:
   """{description: len(sub-propositions)} of a valid_split.json; raises PropositionsError."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f, object_pairs_hook=unique_keys.object_pairs)
-  except FileNotFoundError as e:
-    raise PropositionsError(f"{path}: propositions file not found") from e
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise PropositionsError(f"{path}: not valid JSON ({e})") from e
-  dup = unique_keys.first_duplicate(data)
-  if dup is not None:
-    raise PropositionsError(f"{path}: duplicate description {dup!r}")
+  data = unique_keys.load_json(path, PropositionsError, "propositions file", "description")
   if not isinstance(data, dict) or not data:
     raise PropositionsError(f"{path}: expected a non-empty object {{description: "
                             "[sub-proposition, ...]}}")

@@ -1,13 +1,17 @@
 """JSON and YAML reading that refuses duplicate keys (both formats silently keep the later
-value of a repeated key): `json.load(f, object_pairs_hook=object_pairs)` then
-`first_duplicate(data)`; `yaml.load(f, Loader=yaml_loader())`."""
+value of a repeated key): `load_json(path, error)`, or `json.load(f,
+object_pairs_hook=object_pairs)` then `first_duplicate(data)`; `yaml.load(f,
+Loader=yaml_loader())`."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
 import yaml.constructor
+
+from contextblip_jax.storage import paths
 
 
 class Object(dict):
@@ -41,6 +45,25 @@ def first_duplicate(obj: Any, where: str = "") -> str | None:
       if found:
         return found
   return None
+
+
+def load_json(path: str, error: type[Exception], what: str = "file",
+              key_name: str = "key") -> Any:
+  """The JSON file at `path` (local or gs://), refusing a repeated key. Every problem is raised
+  as `error` naming the file: missing ("<path>: <what> not found"), not JSON, or a duplicate
+  `key_name` with the path to it."""
+  try:
+    with paths.open(path, encoding="utf-8") as f:
+      data = json.load(f, object_pairs_hook=object_pairs)
+  except FileNotFoundError as e:
+    raise error(f"{path}: {what} not found") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: not valid JSON ({e})") from e
+  dup = first_duplicate(data)
+  if dup is not None:
+    raise error(f"{path}: duplicate {key_name} {dup!r} (JSON would keep only the later value); "
+                f"remove or rename one of them")
+  return data
 
 
 def yaml_loader():
