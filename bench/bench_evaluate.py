@@ -45,12 +45,7 @@ def parse_args(argv=None):
   p.add_argument("--sets", type=int, default=30, help="first N valid sets (0 = all)")
   p.add_argument("--sets_per_batch", type=int, default=0,
                  help="config.eval.sets_per_batch (0: the product's default, one set per device)")
-  p.add_argument("--platform", default="", choices=("", "cpu", "gpu"),
-                 help="'' = gpu when nvidia-smi sees one, else cpu")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype: model.compute_dtype, torch autocast")
-  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
-                 help="float32 matmul precision of both (GPU only; 'tf32' = TensorFloat-32)")
+  common.add_compute_args(p)
   p.add_argument("--matmul_size", type=int, default=4096,
                  help="n of the n^3 float32 matmul of the machine line")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_blip_base"),

@@ -40,6 +40,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
+
+from bench import common  # noqa: E402  (imports no jax)
 
 PRETRAIN_RULES = [("pretrained_blip/.*", "freeze"), (".*", "train")]      # docs/method.md#freezing
 STAGE1_RULES = [("context_encoder/.*", "freeze"), (".*", "train")]
@@ -62,10 +65,7 @@ def parse_args(argv=None):
   p.add_argument("--runs", type=int, default=3,
                  help="timed steps (median) after one warm-up; 0 = compile only")
   p.add_argument("--scan", action="store_true", help="scanned layers (model.scan_layers)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype (model.compute_dtype; parameters stay float32)")
-  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
-                 help="float32 matmul precision (GPU only; 'tf32' = TensorFloat-32)")
+  common.add_compute_args(p, platform=False)   # JAX's default backend runs the step
   p.add_argument("--remat", default="none", help="per-block remat policy (model.remat)")
   p.add_argument("--devices", type=int, default=1,
                  help="forced host devices; the batch is sharded over all of them (data axis)")
@@ -78,7 +78,6 @@ def parse_args(argv=None):
 
 def matmul_peak(n: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
   """Best FLOP/s of an n x n x n jnp.dot in `dtype` (2 n^3 FLOPs) over `reps` runs."""
-  from bench import common
   return common.jax_matmul_gflops(n, reps, dtype) * 1e9
 
 
@@ -194,7 +193,6 @@ def run_worker(name: str, args) -> dict:
   from contextblip_jax.training import steps
   from contextblip_jax.parallel import compilation
   from contextblip_jax.parallel import sharding as shd
-  from bench import common
   from contextblip_jax.models.contextblip import init_params, make_model
   if name == "evaluate":
     return run_eval_worker(args)
@@ -266,7 +264,6 @@ def _child(name: str, args) -> dict:
 
 
 def _print(rows, peak, load_before, load_after, dtype="float32"):
-  from bench import common
   gib = 2.0**30
   gpu = common.gpu_name()
   print(f"machine: {common.cpu_model()}, {common.cpu_cores()} cores" + (f", GPU {gpu}" if gpu else ""))
@@ -307,14 +304,11 @@ def main(argv=None):
   if args.devices > 1:
     flags += f" --xla_force_host_platform_device_count={args.devices}"
   os.environ["XLA_FLAGS"] = flags.strip()
-  sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
-  from bench import common
   common.set_precision(args.precision, args.dtype)
   if args.worker:
     row = run_worker(args.worker, args)
     print("ROW " + json.dumps(row), flush=True)
     return
-  from bench import common
   load_before = common.load_average()
   peak = matmul_peak(dtype=args.dtype)
   rows = []

@@ -44,6 +44,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
+
+from bench import common  # noqa: E402  (imports no jax)
 
 
 def parse_args(argv=None):
@@ -53,13 +56,7 @@ def parse_args(argv=None):
   p.add_argument("--groups", type=int, default=2, help="benchmark 1: groups per timed run")
   p.add_argument("--devices", type=int, default=2,
                  help="CPU: forced host devices (XLA_FLAGS) for the jax_2dev variant")
-  p.add_argument("--platform", default="", choices=("", "cpu", "gpu"),
-                 help="'' = gpu when nvidia-smi sees one, else cpu")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype: JAX model.compute_dtype, torch autocast")
-  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
-                 help="float32 matmul precision of both frameworks (GPU only: 'tf32' = "
-                      "TensorFloat-32 tensor cores in both)")
+  common.add_compute_args(p)
   p.add_argument("--attention_impl", default="explicit", choices=("explicit", "xla", "cudnn"),
                  help="model.attention_impl of the JAX variants ('cudnn': GPU, bfloat16)")
   p.add_argument("--variants", default="",
@@ -82,8 +79,6 @@ def parse_args(argv=None):
 
 def setup_env(args):
   """Platform and XLA_FLAGS must be set before jax is imported."""
-  sys.path.insert(0, os.path.dirname(HERE))   # run as a script from anywhere in the checkout
-  from bench import common
   args.platform = args.platform or common.default_platform()
   flags = os.environ.get("XLA_FLAGS", "")
   if args.platform == "cpu":
@@ -98,7 +93,7 @@ def setup_env(args):
 def main(argv=None):
   args = parse_args(argv)
   setup_env(args)
-  from bench import common, zero_shot_variants as zv
+  from bench import zero_shot_variants as zv
   benches = [int(b) for b in args.bench.split(",") if b.strip()]
   if args.list:
     for b in benches:
@@ -159,7 +154,7 @@ def main(argv=None):
 
 def worker(args, bench):
   """Prepares and runs one variant once in this fresh process; prints JSON with its memory."""
-  from bench import common, zero_shot_variants as zv
+  from bench import zero_shot_variants as zv
   ctx = zv.Context.create(args.workdir, args.platform, args.dtype, log=lambda *_: None,
                           need=zv.needs(args.worker), groups=args.groups,
                           attention_impl=args.attention_impl)

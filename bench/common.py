@@ -178,6 +178,20 @@ def torch_autocast(platform: str, dtype: str):
 PRECISIONS = ("highest", "tf32")
 
 
+def add_compute_args(p, platform: bool = True) -> None:
+  """The device and arithmetic flags every benchmark takes: --platform (when it runs a
+  framework choice of device), --dtype and --precision (`set_precision`)."""
+  if platform:
+    p.add_argument("--platform", default="", choices=("", "cpu", "gpu"),
+                   help="'' = gpu when nvidia-smi sees one, else cpu")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype: JAX model.compute_dtype (parameters stay float32), "
+                      "torch autocast")
+  p.add_argument("--precision", default="highest", choices=PRECISIONS,
+                 help="float32 matmul precision of both frameworks (GPU only: 'tf32' = "
+                      "TensorFloat-32 tensor cores in both)")
+
+
 def set_precision(precision: str, dtype: str = "float32") -> None:
   """float32 matmul precision of both frameworks for this process and its workers (call before
   jax is imported). 'highest': true float32 products in both (JAX
