@@ -177,6 +177,20 @@ def objective_config() -> ml_collections.ConfigDict:
   return o
 
 
+def wandb_config() -> ml_collections.ConfigDict:
+  """Weights & Biases logging beside TensorBoard (storage/wandb_writer.py; README "Weights &
+  Biases"). Needs the extra: pip install -e '.[wandb]'."""
+  w = ml_collections.ConfigDict()
+  w.enabled = False              # True: one W&B run per stage / evaluation (process 0 only)
+  w.project = "contextblip_jax"  # W&B project
+  w.entity = ""                  # W&B team or user ('' = $WANDB_ENTITY / your default entity)
+  w.name = ""                    # run name ('' = '<stage>-<workdir name>')
+  w.mode = ""                    # '' ($WANDB_MODE, else 'online') | 'online' | 'offline' (files
+                                 # in <workdir>/wandb/, uploaded later with `wandb sync`)
+  w.tags = ()                    # run tags, e.g. ('paper', 'v5e')
+  return w
+
+
 def base_config(mode: str) -> ml_collections.ConfigDict:
   """Every field any mode reads, with paper-scale defaults."""
   if mode not in MODES:
@@ -198,6 +212,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
   c.optim = optim.default_config("pretrain")  # optimizer (contextblip_jax/training/optim.py)
   c.objective = objective_config()
   c.eval = eval_config()
+  c.wandb = wandb_config()       # optional Weights & Biases run (off by default)
   c.freeze = [(".*", "train")]   # (regex over parameter paths, 'train' | 'freeze'), first wins
   c.freeze_unreached = True      # also freeze trainable leaves no loss reaches (stage 1:
                                  # itm_head, vision_proj, text_proj): torch leaves their grad

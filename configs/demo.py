@@ -114,7 +114,10 @@ def get_config(arg=None):
   c.stages.finetune2 = f2
 
   c.predict_test = True          # stage-2 predictions on the unlabelled test file
-  # One flag for every stage: --config.model.compute_dtype=bfloat16 (README "Precision").
+  # One flag for every stage: --config.model.compute_dtype=bfloat16 (README "Precision"),
+  # --config.wandb.enabled=True (README "Weights & Biases").
   for stage in c.stages.values():
     stage.model.compute_dtype = c.model.get_ref("compute_dtype")
+    for key in c.wandb:
+      stage.wandb[key] = c.wandb.get_ref(key)
   return c

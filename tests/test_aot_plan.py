@@ -75,7 +75,9 @@ def test_collective_parser_and_roofline():
   assert planning.roofline_s(1.0, 819e9, v5e) == pytest.approx(1.0)       # memory-bound
   assert planning.roofline_s(1.0, 1.0, None) is None
   assert planning.hosts(planning.CHIPS["v6e"], 8) == 1                    # v6e-8: one host VM
-  assert planning.hosts(planning.CHIPS["v5e"], 16) == 4
+  assert planning.hosts(planning.CHIPS["v5e"], 16) == 2                   # v5e:4x4: 2 x 8 chips
+  assert planning.hosts(planning.CHIPS["v5p"], 8) == 2                    # v5p:2x2x2: 2 x 4 chips
+  assert planning.hosts(planning.CHIPS["v5p"], 4) == 1
   with pytest.raises(planning.PlanError, match="unknown chip 'v9z'"):
     planning.chip_of_topology("v9z:2x2")
 
@@ -104,3 +106,23 @@ def test_command_errors_name_the_problem():
   r = _aot("--config", "configs/backbone.py:tiny", "--topology", "v5e:2x2",
            "--config.mesh.data=3")
   assert r.returncode == 2 and "does not fit v5e:2x2" in r.stderr, r.stderr[-2000:]
+
+
+def test_markdown_table_rows_from_plan_files(tmp_path):
+  """The launch table's row from a plan file: the compute roofline from the FLOPs, the input
+  per host VM from the chip table (v5e:4x4 is 2 host VMs of 8 chips and 224 vCPUs)."""
+  p = {"mode": "pretrain", "topology": "v5e:4x4", "num_slices": 1, "chips": 16,
+       "mesh": {"data": 16, "fsdp": 1}, "compute_dtype": "bfloat16", "remat": "none",
+       "examples_per_step": 1024, "images_per_step": 1024, "total_gib": 13.9, "hbm_gib": 16,
+       "fits": True, "flops_per_chip": 197e12 * 0.05, "bytes_from": "compiled",
+       "step_s_roofline": 0.1, "schedule_steps": 1000, "schedule_hours": 1000 * 0.1 / 3600,
+       "chip_hours": 16 * 1000 * 0.1 / 3600,
+       "host_images_per_s": 1000.0, "host_vcpus_needed": 5.0}     # 200 images/s per vCPU
+  (tmp_path / "a.json").write_text(json.dumps(p))
+  table = plan.markdown_table(str(tmp_path))
+  row = table.splitlines()[2]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[:3] == ["pre-training, batch 1024", "v5e:4x4 (16 chips)", "data=16"]
+  assert cells[7] == "50 ms (100 ms with HBM traffic)"                 # 0.05 s of bf16 peak
+  assert cells[8] == "1000 steps, 0.01 h" and cells[9] == "0.2"       # scaled to 50 ms
+  assert cells[10] == "10240 images/s, 51 of 224 vCPUs"                # 1024 / 0.05 s / 2 hosts

@@ -4,60 +4,21 @@ bucket, then an evaluation reading a fine-tuned export and the IMAGECODE data fr
 writing its outputs there.
 Every object is listed through the emulator's JSON API, and no local folder named `gs:` may appear.
 
-The emulator (`gcp-storage-emulator`, requirements-dev.txt) runs on 127.0.0.1 in a subprocess;
-gcsfs/etils and google-cloud-storage find it through STORAGE_EMULATOR_HOST, tensorstore (Orbax's
-array store) through TENSORSTORE_GCS_HTTP_URL. Two things real GCS does that the emulator does
-not are added by `_EMULATOR` below: the x-goog-generation header on downloads (tensorstore's
-OCDBT reads it) and the ifGenerationMatch precondition on uploads (tensorstore's conditional
-writes and the workdir LOCK).
+The emulator (`gcp-storage-emulator`, requirements-dev.txt) runs on 127.0.0.1 in a subprocess
+started by tests/helpers/gcs_emulator.py, which says how each client finds it and what it adds
+to the emulator (the generation header and precondition tensorstore and the LOCK rely on).
 """
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
+from tests.helpers.gcs_emulator import gcs_emulator
 from tests.helpers.loops import make_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_EMULATOR = r'''
-import http, sys
-from gcp_storage_emulator.exceptions import NotFound
-from gcp_storage_emulator.handlers import objects
-
-_download, _insert = objects.download, objects.insert
-
-def _generation(storage, bucket, name):
-  try:
-    return str(storage.get_file_obj(bucket, name)["generation"])
-  except NotFound:
-    return "0"
-
-def download(request, response, storage, *args, **kwargs):
-  response["x-goog-generation"] = _generation(storage, request.params["bucket_name"],
-                                              request.params["object_id"])
-  return _download(request, response, storage, *args, **kwargs)
-
-def insert(request, response, storage, *args, **kwargs):
-  want = request.query.get("ifGenerationMatch")
-  if want:
-    name = (request.query.get("name") or [None])[0] or request.data["meta"].get("name")
-    if _generation(storage, request.params["bucket_name"], name) != want[0]:
-      response.status = http.HTTPStatus.PRECONDITION_FAILED
-      response.json({"error": {"code": 412, "message": "conditionNotMet"}})
-      return None
-  return _insert(request, response, storage, *args, **kwargs)
-
-objects.download, objects.insert = download, insert
-from gcp_storage_emulator.server import create_server  # after the patch: its routes bind them
-create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket="bkt").run()
-'''
-
 
 _PROBE = r'''
 import json, os, socket
@@ -89,39 +50,6 @@ print("probe ok")
 '''
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _start_emulator():
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  for _ in range(200):
-    try:
-      socket.create_connection(("127.0.0.1", port), 0.2).close()
-      return proc, f"http://127.0.0.1:{port}"
-    except OSError:
-      time.sleep(0.05)
-  proc.kill()
-  raise RuntimeError("the GCS emulator did not start")
-
-
-def _objects(host: str) -> list[str]:
-  """Every object name in the emulator's bucket, listed through its JSON API (pages of 1000)."""
-  names, token = [], ""
-  while True:
-    url = f"{host}/storage/v1/b/bkt/o?maxResults=1000" + (f"&pageToken={token}" if token else "")
-    with urllib.request.urlopen(url, timeout=30) as r:
-      page = json.load(r)
-    names += [o["name"] for o in page.get("items", [])]
-    token = page.get("nextPageToken")
-    if not token:
-      return names
-
-
 def _no_gs_folder(tmp_path):
   """No `gs:` folder under the test's directory (the runs' cwd) nor in the repository root."""
   assert not os.path.exists(os.path.join(REPO, "gs:"))
@@ -131,75 +59,72 @@ def _no_gs_folder(tmp_path):
 
 def test_gs_workdir_trains_resumes_and_evaluates_in_the_bucket(tmp_path):
   data = make_data(tmp_path)
-  emulator, host = _start_emulator()
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO,
-             STORAGE_EMULATOR_HOST=host, TENSORSTORE_GCS_HTTP_URL=host,
-             GOOGLE_CLOUD_PROJECT="test",
-             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")   # its gRPC bucket probe: no emulator
+  with gcs_emulator() as em:
+    _train_resume_evaluate(tmp_path, data, cwd, em)
+  _no_gs_folder(tmp_path)
+
+
+def _train_resume_evaluate(tmp_path, data, cwd, em):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO, **em.env)
   train = [sys.executable, "-m", "contextblip_jax.main", "--config",
            os.path.join(REPO, "configs/backbone.py:tiny,steps=12"), "--workdir", "gs://bkt/run",
            f"--config.data.pairs_json={os.path.join(data, 'pairs.json')}",
            "--config.train.log_every=1", "--config.train.save_every=3",
            "--config.num_devices=1", f"--config.compilation_cache={tmp_path / 'xla'}"]
-  try:
-    # 0. The path functions and the workdir LOCK on the bucket (create-if-absent object).
-    probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=cwd, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert probe.returncode == 0 and "probe ok" in probe.stdout, probe.stderr[-3000:]
+  # 0. The path functions and the workdir LOCK on the bucket (create-if-absent object).
+  probe = subprocess.run([sys.executable, "-c", _PROBE], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert probe.returncode == 0 and "probe ok" in probe.stdout, probe.stderr[-3000:]
 
-    # 1. Train until the first checkpoint is in the bucket, then SIGTERM (saves, exits 75).
-    proc = subprocess.Popen(train, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-      if any(o.startswith("run/ckpt/3/") for o in _objects(host)):
-        proc.send_signal(signal.SIGTERM)
-        break
-      time.sleep(0.5)
-    out1 = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, out1[-3000:]
-    first = _objects(host)
-    assert "run/config.json" in first and "LOCK" not in {o.split("/")[-1] for o in first}
-    assert "run/DONE.json" not in first and any(o.startswith("run/ckpt/") for o in first)
+  # 1. Train until the first checkpoint is in the bucket, then SIGTERM (saves, exits 75).
+  proc = subprocess.Popen(train, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if any(o.startswith("run/ckpt/3/") for o in em.objects()):
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.5)
+  out1 = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 75, out1[-3000:]
+  first = em.objects()
+  assert "run/config.json" in first and "LOCK" not in {o.split("/")[-1] for o in first}
+  assert "run/DONE.json" not in first and any(o.startswith("run/ckpt/") for o in first)
 
-    # 2. The same command resumes from the bucket's checkpoint and finishes the stage.
-    second = subprocess.run(train, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
-    out2 = second.stdout + second.stderr
-    assert second.returncode == 0, out2[-3000:]
-    assert "resumed backbone from step" in out2, out2[-3000:]
-    stored = _objects(host)
-    for name in ("run/DONE.json", "run/metrics.jsonl", "run/export/provenance.json",
-                 "run/export/model.json", "run/export/vocab.txt"):
-      assert name in stored, (name, stored)
-    assert any(o.startswith("run/tb/events.out.tfevents") for o in stored), stored
-    assert any(o.startswith("run/export/params/") for o in stored), stored
-    assert not any(".tmp" in o for o in stored), stored
+  # 2. The same command resumes from the bucket's checkpoint and finishes the stage.
+  second = subprocess.run(train, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+  out2 = second.stdout + second.stderr
+  assert second.returncode == 0, out2[-3000:]
+  assert "resumed backbone from step" in out2, out2[-3000:]
+  stored = em.objects()
+  for name in ("run/DONE.json", "run/metrics.jsonl", "run/export/provenance.json",
+               "run/export/model.json", "run/export/vocab.txt"):
+    assert name in stored, (name, stored)
+  assert any(o.startswith("run/tb/events.out.tfevents") for o in stored), stored
+  assert any(o.startswith("run/export/params/") for o in stored), stored
+  assert not any(".tmp" in o for o in stored), stored
 
-    # 3. A fine-tuned export written into the bucket (the product's writer) and the IMAGECODE
-    # data copied there; the evaluation reads both from the bucket and writes its outputs there.
-    code = ("from tests.helpers.loops import make_export; make_export('gs://bkt/ft2'); "
-            f"from contextblip_jax.storage import paths; paths.upload({data!r}, 'gs://bkt/data')")
-    made = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert made.returncode == 0, made.stderr[-3000:]
-    ev = subprocess.run(
-        [sys.executable, "-m", "contextblip_jax.main", "--config",
-         os.path.join(REPO, "configs/evaluate.py:tiny,predict,head=stage2"), "--workdir",
-         "gs://bkt/eval", "--config.data.imagecode_dir=gs://bkt/data",
-         "--config.eval.checkpoint=gs://bkt/ft2",
-         "--config.eval.visualize=0", "--config.num_devices=1",
-         f"--config.compilation_cache={tmp_path / 'xla'}"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-3000:]
-    stored = _objects(host)
-    assert "ft2/export/provenance.json" in stored, stored
-    evaluated = [o for o in stored if o.startswith("eval/")]
-    for suffix in ("test.predictions.jsonl", "test.report.json", "test.leaderboard.json"):
-      assert any(o.endswith(suffix) for o in evaluated), (suffix, evaluated)
-  finally:
-    emulator.kill()
-    emulator.wait()
-  _no_gs_folder(tmp_path)
+  # 3. A fine-tuned export written into the bucket (the product's writer) and the IMAGECODE
+  # data copied there; the evaluation reads both from the bucket and writes its outputs there.
+  code = ("from tests.helpers.loops import make_export; make_export('gs://bkt/ft2'); "
+          f"from contextblip_jax.storage import paths; paths.upload({data!r}, 'gs://bkt/data')")
+  made = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert made.returncode == 0, made.stderr[-3000:]
+  ev = subprocess.run(
+      [sys.executable, "-m", "contextblip_jax.main", "--config",
+       os.path.join(REPO, "configs/evaluate.py:tiny,predict,head=stage2"), "--workdir",
+       "gs://bkt/eval", "--config.data.imagecode_dir=gs://bkt/data",
+       "--config.eval.checkpoint=gs://bkt/ft2",
+       "--config.eval.visualize=0", "--config.num_devices=1",
+       f"--config.compilation_cache={tmp_path / 'xla'}"],
+      cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, (ev.stdout + ev.stderr)[-3000:]
+  stored = em.objects()
+  assert "ft2/export/provenance.json" in stored, stored
+  evaluated = [o for o in stored if o.startswith("eval/")]
+  for suffix in ("test.predictions.jsonl", "test.report.json", "test.leaderboard.json"):
+    assert any(o.endswith(suffix) for o in evaluated), (suffix, evaluated)

@@ -1,7 +1,8 @@
 """Target-driven, strict conversion of a BLIP / ContextBLIP / HF checkpoint to our Flax tree.
 
 Stages (each logs one progress line):
-  1. load   `load_source`: safe read of the file or HF directory (loaders.py).
+  1. load   `load_source`: safe read of the file or HF directory (loaders.py; a gs:// source
+            through a local temporary copy).
   2. map    the config comes from the source (infer_config.py); the abstract target tree
             (`jax.eval_shape` of `Blip(config).init`, unboxed, plus the adapter when the source
             has one, and the authors' stage modules it holds: TMIM, prediction layer, context
@@ -50,7 +51,7 @@ from contextblip_jax.storage.param_dir import (blip_model_config, is_parameter_d
 from weight_convert import mapping
 from weight_convert.infer_config import (adapter_from_source, config_from_hf,
                                          config_from_original, stage_fields)
-from weight_convert.loaders import ConversionError, SourceState, load_source
+from weight_convert.loaders import ConversionError, SourceState, load_source, local_copy
 
 Log = Callable[[str], None]
 
@@ -302,6 +303,10 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
             log: Log | None = None) -> str:
   """Converts `src` (original .pth/.safetensors file or HF directory) into the directory `out`.
 
+  Either may be a gs:// URL: a remote source is copied to a local temporary directory first
+  (loaders.local_copy; provenance records the URL and the copied files' digests), and the
+  output is written as every parameter directory is (storage/param_dir.py).
+
   Args:
     src: checkpoint file ('original') or HF BlipForImageTextRetrieval directory ('hf').
     out: output parameter directory (contextblip_jax.storage.param_dir); must not exist
@@ -326,12 +331,16 @@ def convert(src: str, out: str, fmt: str = "auto", image_size: int | None = None
   if paths.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
   check_replaceable(out, [src], is_parameter_directory, "a parameter directory")
-  source = load_source(src, fmt)
-  log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
-  conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
-                 hf_config=hf_config, adapter_taps=adapter_taps, scan_layers=scan_layers,
-                 tmim=tmim, decoder_heads=decoder_heads, context_heads=context_heads, log=log)
-  provenance = {"writer": "weight_convert", "source": source_record(source),
+  with local_copy(src, log) as local:       # a gs:// source: read from a local copy
+    source = load_source(local, fmt)
+    record = source_record(source)
+    if local != src:
+      source.path = record["path"] = paths.abspath(src)
+    log(f"[1/4] load: {source.format} checkpoint {src} ({len(source.arrays)} tensors)")
+    conv = to_flax(source, image_size, vision_heads=vision_heads, text_heads=text_heads,
+                   hf_config=hf_config, adapter_taps=adapter_taps, scan_layers=scan_layers,
+                   tmim=tmim, decoder_heads=decoder_heads, context_heads=context_heads, log=log)
+  provenance = {"writer": "weight_convert", "source": record,
                 "summary": conv.report.as_dict()}
   path = write_param_dir(out, conv.params, conv.model, provenance, vocab_path=VOCAB_PATH,
                          overwrite=overwrite)

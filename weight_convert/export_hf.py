@@ -3,7 +3,9 @@
 The state dict is produced by walking mapping.RULES in reverse (`Hook.inverse`: kernels
 transposed back, HWIO -> OIHW), so import and export share one table. The directory holds
 `config.json` (infer_config.hf_config_dict; vision eps and dropout are ours, i.e. BLIP's) and
-`model.safetensors`; it is written to a temporary sibling and renamed into place.
+`model.safetensors`; it is written to a temporary sibling and renamed into place. Either
+export may be written to a gs:// URL (written locally, uploaded, then moved into place;
+storage/paths.py says what is atomic there).
 
 Parameters in the scanned layout (`scan_layers`, stacked blocks) are unstacked first by
 `models/layout.py: to_layout`. Only the BLIP part (`pretrained_blip`) has a Hugging Face
@@ -39,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.atomic import atomic_directory, atomic_file, check_replaceable
 from contextblip_jax.storage.workdir import HF_EXPORT_MARKER
 from contextblip_jax.models import layout
@@ -94,10 +97,10 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
   the marker) that neither is nor holds one of `sources`."""
   from safetensors.numpy import save_file
   log = log or (lambda s: None)
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
+  out = paths.abspath(out)                  # a local directory or a gs:// URL
+  if paths.exists(out) and not overwrite:
     raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
-  check_replaceable(out, sources, lambda d: os.path.isfile(os.path.join(d, HF_EXPORT_MARKER)),
+  check_replaceable(out, sources, lambda d: paths.isfile(paths.join(d, HF_EXPORT_MARKER)),
                     "a Hugging Face export written by weight_convert")
   if "pretrained_blip" in params:
     for note in left_out_notes(params):
@@ -105,11 +108,13 @@ def export_hf(params: dict[str, Any], config: BlipConfig, out: str, overwrite: b
   state = to_state_dict(params, config, "hf")
   log(f"[2/4] map: {len(state)} tensors in HF BlipForImageTextRetrieval layout")
   log(f"[3/4] check: ok: every parameter mapped ({sum(v.size for v in state.values()):,} values)")
-  with atomic_directory(out) as tmp:
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+  # The files are written locally (safetensors writes local files only) and, for a gs:// out,
+  # uploaded under the temporary prefix that atomic_directory then moves into place.
+  with atomic_directory(out) as tmp, paths.local_staging(tmp) as local:
+    save_file(state, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(local, "config.json"), "w") as f:
       json.dump(hf_config_dict(config), f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, HF_EXPORT_MARKER), "w") as f:
+    with open(os.path.join(local, HF_EXPORT_MARKER), "w") as f:
       json.dump({"writer": "weight_convert export", "time": time.time()}, f)
   log(f"[4/4] write: {out}")
   return out
@@ -204,14 +209,15 @@ def export_authors(ckpt_dir: str, out: str, layout: str | None = None, overwrite
   layout (see the module doc): `.safetensors` -> the flat state dict; any other name ->
   `torch.save({wrapper: state dict})` (needs torch). Written atomically; returns its path."""
   log = log or (lambda s: None)
-  out = os.path.abspath(out)
-  if os.path.isdir(out):
+  out = paths.abspath(out)                  # a local file or a gs:// URL
+  if paths.isdir(out):
     raise FileExistsError(f"{out} is a directory; the authors' format is one file "
-                          f"(e.g. {os.path.join(out, 'checkpoint.pth')})")
-  if os.path.exists(out) and not overwrite:
+                          f"(e.g. {paths.join(out, 'checkpoint.pth')})")
+  if paths.exists(out) and not overwrite:
     raise FileExistsError(f"output file already exists: {out} (pass --overwrite)")
-  src = os.path.realpath(ckpt_dir).rstrip(os.sep) + os.sep
-  if os.path.realpath(out).startswith(src):
+  src = paths.realpath(ckpt_dir).rstrip("/" + os.sep) + (
+      "/" if paths.is_remote(ckpt_dir) else os.sep)
+  if paths.realpath(out).startswith(src):
     raise FileExistsError(f"refusing to write {out} inside the checkpoint directory {ckpt_dir}")
   pd = load_param_dir(ckpt_dir)
   log(f"[1/4] load: {pd.path} ({describe(pd.provenance)}; groups {', '.join(sorted(pd.params))})")

@@ -22,16 +22,25 @@ Sources (`detect_format`):
     removed). A uniform DDP `module.` prefix is removed.
   * 'hf': a directory holding a `BlipForImageTextRetrieval` `config.json` and `model.safetensors`
     (or a sharded `model.safetensors.index.json`, or `pytorch_model.bin`).
+
+A source in a bucket (`gs://...`) is read through `local_copy`: the file, or the files an HF
+directory's loader reads, are copied to a local temporary directory first (the loaders need
+real files: torch memory-maps them), with progress lines for large files; error messages name
+the gs:// path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any
+import tempfile
+from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from contextblip_jax.storage import paths
 
 BLIP_PREFIX = "pretrained_blip."        # ContextBLIP: BLIP_Base lives under this attribute
 WRAPPERS = ("model", "model_state_dict", "state_dict")   # dict keys a state dict may sit under
@@ -318,8 +327,82 @@ def detect_format(path: str) -> str:
   raise FileNotFoundError(f"source not found: {path}")
 
 
+_CHUNK = 16 * 2**20           # bytes per read when copying a remote file
+_REPORT = 64 * 2**20          # remote files larger than this get progress lines
+
+
+def fetch_file(url: str, dest: str, log: Callable[[str], None] | None = None) -> None:
+  """Copies the remote file `url` to the local path `dest`, logging progress (every ~10%)
+  for files over 64 MiB."""
+  log = log or (lambda s: None)
+  size = paths.getsize(url)
+  every = max(size // 10, _CHUNK) if size > _REPORT else 0
+  log(f"      fetch: {url} ({size / 2**20:,.1f} MiB) -> local temporary copy")
+  done, next_report = 0, every
+  with paths.open(url, "rb") as src, open(dest, "wb") as out:
+    while chunk := src.read(_CHUNK):
+      out.write(chunk)
+      done += len(chunk)
+      if every and done >= next_report and done < size:
+        log(f"      fetch: {done / 2**20:,.0f}/{size / 2**20:,.0f} MiB ({100 * done // size}%)")
+        next_report += every
+
+
+def _hf_files(url: str) -> list[str]:
+  """The names in a remote HF directory the 'hf' loader reads: every .json file and the one
+  weight set it picks (model.safetensors; else the index's shards; else pytorch_model.bin)."""
+  names = set(paths.listdir(url))
+  wanted = sorted(n for n in names if n.endswith(".json"))
+  if "model.safetensors" in names:
+    return wanted + ["model.safetensors"]
+  if "model.safetensors.index.json" in names:
+    with paths.open(paths.join(url, "model.safetensors.index.json"), "rb") as f:
+      try:
+        index = json.load(f)
+      except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{url}/model.safetensors.index.json: not valid JSON ({e})") from e
+    shards = (index.get("weight_map") or {}) if isinstance(index, dict) else {}
+    # Only plain names listed in the directory are copied; the loader checks the index itself.
+    return wanted + sorted({v for v in shards.values() if isinstance(v, str) and v in names})
+  return wanted + [n for n in ("pytorch_model.bin",) if n in names]
+
+
+@contextlib.contextmanager
+def local_copy(src: str, log: Callable[[str], None] | None = None) -> Iterator[str]:
+  """Yields `src` itself when local; for a URL (gs://...) a local temporary copy of the file
+  or HF directory (removed at the end), and errors raised in the block that name the copy
+  are re-raised naming `src` instead."""
+  if not paths.is_remote(src):
+    yield src
+    return
+  src = paths.abspath(src)
+  with tempfile.TemporaryDirectory(prefix="contextblip-convert-") as tmp:
+    local = os.path.join(tmp, paths.basename(src) or "source")
+    if paths.isdir(src):
+      os.mkdir(local)
+      for name in _hf_files(src):
+        fetch_file(paths.join(src, name), os.path.join(local, name), log)
+    elif paths.isfile(src):
+      fetch_file(src, local, log)
+    else:
+      raise FileNotFoundError(f"source not found: {src}")
+    try:
+      yield local
+    except (ConversionError, OSError) as e:
+      if local not in str(e):
+        raise
+      renamed = type(e)(str(e).replace(local, src))
+      raise renamed.with_traceback(e.__traceback__) from e
+
+
 def load_source(path: str, fmt: str = "auto") -> SourceState:
-  """Reads `path` as `fmt` ('auto', 'original' or 'hf') -> SourceState."""
+  """Reads `path` as `fmt` ('auto', 'original' or 'hf') -> SourceState. A gs:// path is
+  read through a temporary local copy (`local_copy`; `SourceState.path` is the URL)."""
+  if paths.is_remote(path):
+    with local_copy(path) as local:
+      state = load_source(local, fmt)
+      state.path = paths.abspath(path)
+      return state
   if fmt == "auto":
     fmt = detect_format(path)
   if fmt == "hf":

@@ -2,8 +2,12 @@
 
 Each JSON file (coco.json, vg.json, the synthetic pairs.json) is a list of objects with an
 `image` path and a `caption`. Relative image paths are joined to `image_root` (default: the
-JSON file's directory); absolute paths are kept. Captions are cleaned with BLIP's
+JSON file's directory); absolute paths and URLs are kept. Captions are cleaned with BLIP's
 `pre_caption` at 30 words (`tokenizer.pre_caption_blip`).
+
+The JSON files, the image root and the images may be local or in a bucket (`gs://...`,
+through storage/paths.py). For images in a bucket the existence check lists each image
+folder once (one listing instead of a request per image).
 
 Bad input raises `PairsDataError` naming the file and entry index, or, with on_error="skip",
 is recorded in `PairsData.skipped` (and logged) and left out: a JSON that is not a list of
@@ -22,6 +26,7 @@ from typing import Sequence
 
 from contextblip_jax.data import preprocess
 from contextblip_jax.data.tokenizer import pre_caption_blip
+from contextblip_jax.storage import paths as fs_paths
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,33 @@ class PairsData:
     return len(self.skipped)
 
 
-def _check_entry(entry, root, max_words, check_images) -> tuple[str, str, str]:
+class _FileCheck:
+  """Whether image files exist: os.path.isfile for local paths; for URLs, membership in
+  the listing of the file's folder (listed once per folder and remembered)."""
+
+  def __init__(self):
+    self._listings: dict[str, set[str]] = {}
+
+  def __call__(self, path: str) -> bool:
+    if not fs_paths.is_remote(path):
+      return os.path.isfile(path)
+    folder = fs_paths.dirname(path)
+    if folder not in self._listings:
+      try:
+        self._listings[folder] = set(fs_paths.listdir(folder))
+      except FileNotFoundError:
+        self._listings[folder] = set()
+    return fs_paths.basename(path) in self._listings[folder]
+
+
+def _image_path(image: str, root: str) -> str:
+  """`image` when absolute or a URL (whatever `root` is), else joined to `root`."""
+  if fs_paths.is_remote(image) or os.path.isabs(image):
+    return image
+  return fs_paths.join(root, image)
+
+
+def _check_entry(entry, root, max_words, check_images, exists) -> tuple[str, str, str]:
   """(image_path, caption, raw caption) of one entry; raises ValueError with the reason."""
   if not isinstance(entry, dict):
     raise ValueError(f"expected an object {{image, caption}}, got {type(entry).__name__}")
@@ -67,13 +98,13 @@ def _check_entry(entry, root, max_words, check_images) -> tuple[str, str, str]:
   cleaned = pre_caption_blip(caption, max_words)
   if not cleaned:
     raise ValueError(f"caption is empty after cleaning: {caption!r}")
-  path = image if os.path.isabs(image) else os.path.join(root, image)
+  path = _image_path(image, root)
   if check_images == "decode":
     try:
       preprocess.open_rgb(path)
     except preprocess.ImageLoadError as e:
       raise ValueError(str(e)) from e
-  elif check_images and not os.path.isfile(path):
+  elif check_images and not exists(path):
     raise ValueError(f"image file not found: {path}")
   return path, cleaned, caption
 
@@ -86,7 +117,7 @@ def read_pairs(json_paths: str | Sequence[str], image_root: str | Sequence[str |
   Args:
     json_paths: one path or a list (e.g. [coco.json, vg.json]).
     image_root: root for relative image paths: one for all files or one per file; None
-      means each JSON file's own directory.
+      means each JSON file's own directory. Files and roots may be gs:// URLs.
     max_words: caption word limit of pre_caption_blip (30 in BLIP / ContextBLIP).
     check_images: True: each image file exists; "decode": also decodes it; False: no check.
     on_error: "raise" (PairsDataError) or "skip" (record in `skipped`, log, leave out).
@@ -95,17 +126,17 @@ def read_pairs(json_paths: str | Sequence[str], image_root: str | Sequence[str |
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   if check_images not in (True, False, "decode"):
     raise ValueError(f"check_images must be True, False or 'decode', got {check_images!r}")
-  paths = [json_paths] if isinstance(json_paths, (str, os.PathLike)) else list(json_paths)
+  files = [json_paths] if isinstance(json_paths, (str, os.PathLike)) else list(json_paths)
   roots = (list(image_root) if isinstance(image_root, (list, tuple))
-           else [image_root] * len(paths))
-  if len(roots) != len(paths):
-    raise ValueError(f"{len(roots)} image roots for {len(paths)} pair files")
-  examples, skipped = [], []
-  for path, root in zip(paths, roots):
+           else [image_root] * len(files))
+  if len(roots) != len(files):
+    raise ValueError(f"{len(roots)} image roots for {len(files)} pair files")
+  examples, skipped, exists = [], [], _FileCheck()
+  for path, root in zip(files, roots):
     path = os.fspath(path)
-    root = root if root is not None else os.path.dirname(os.path.abspath(path))
+    root = os.fspath(root) if root is not None else fs_paths.dirname(fs_paths.abspath(path))
     try:
-      with open(path, encoding="utf-8") as f:
+      with fs_paths.open(path, encoding="utf-8") as f:
         data = json.load(f)
     except FileNotFoundError as e:
       raise PairsDataError(f"{path}: pair file not found") from e
@@ -114,10 +145,10 @@ def read_pairs(json_paths: str | Sequence[str], image_root: str | Sequence[str |
     if not isinstance(data, list):
       raise PairsDataError(f"{path}: expected a list of {{image, caption}} objects, got "
                            f"{type(data).__name__}")
-    name = os.path.basename(path)
+    name = fs_paths.basename(path)
     for i, entry in enumerate(data):
       try:
-        image, caption, raw = _check_entry(entry, root, max_words, check_images)
+        image, caption, raw = _check_entry(entry, root, max_words, check_images, exists)
       except ValueError as e:
         if on_error == "raise":
           raise PairsDataError(f"{path}: entry {i}: {e}") from e

@@ -19,7 +19,14 @@ writes
                    wins; relative paths joined to --pairs_image_root or the JSON's
                    directory) and checked to exist           -> --config.data.pairs_json
   OUT/tfds/        (--tfds) the TFDS array_record datasets of tfds_imagecode / tfds_pairs
+                   (or --tfds_dir, which may be a gs:// URL: the datasets hold the image
+                   bytes, so a bucket copy is complete by itself)
   OUT/prepared.json  counts and the config flags, which are also printed at the end.
+
+OUT is a local folder (image-sets/ is extracted or linked there); a gs:// --out is refused with
+what to do instead. The --pairs files and the --pairs_remap NEW prefixes may be gs:// URLs
+(the rewritten pair files then name images in the bucket; each is checked to exist, one
+request per image).
 
 Progress lines go to stdout (extraction, set checks, pair checks). Problems a user can fix (a
 missing file, a zip entry escaping its folder, sets or images that are missing) raise
@@ -39,6 +46,7 @@ from typing import Callable, Sequence
 
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.propositions import SHIPPED_FILE
+from contextblip_jax.storage import paths
 from contextblip_jax.storage.atomic import atomic_file
 
 Log = Callable[[str], None]
@@ -143,9 +151,10 @@ def _remap(path: str, remaps: Sequence[tuple[str, str]], root: str) -> str:
   prefix (VG's images are split over VG_100K/ and VG_100K_2/). Else the first rewrite. A
   rewritten relative path is taken from the working directory; a path no prefix matches, from
   `root`."""
-  tried = [os.path.abspath(new + path[len(old):]) for old, new in remaps if path.startswith(old)]
-  tried = tried or [path if os.path.isabs(path) else os.path.join(root, path)]
-  return next((p for p in tried if os.path.exists(p)), tried[0])
+  tried = [paths.abspath(new + path[len(old):]) for old, new in remaps if path.startswith(old)]
+  tried = tried or [path if os.path.isabs(path) or paths.is_remote(path)
+                    else paths.join(root, path)]
+  return next((p for p in tried if paths.exists(p)), tried[0])
 
 
 def prepare_pairs(out: str, json_paths: Sequence[str], remaps: Sequence[tuple[str, str]],
@@ -154,39 +163,41 @@ def prepare_pairs(out: str, json_paths: Sequence[str], remaps: Sequence[tuple[st
   counts = {}
   for path in json_paths:
     try:
-      with open(path, encoding="utf-8") as f:
+      with paths.open(path, encoding="utf-8") as f:
         entries = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise PrepareError(f"{path}: cannot read the pair list ({e})") from None
     if not isinstance(entries, list):
       raise PrepareError(f"{path}: expected a list of {{\"image\", \"caption\"}} objects")
-    root = image_root or os.path.dirname(os.path.abspath(path))
+    root = image_root or paths.dirname(paths.abspath(path))
     kept, missing = [], []
     for i, e in enumerate(entries, 1):
       if not isinstance(e, dict) or not isinstance(e.get("image"), str):
         raise PrepareError(f"{path}: entry {i - 1} has no \"image\" path")
       image = _remap(e["image"], remaps, root)
-      if os.path.exists(image):
+      if paths.exists(image):
         kept.append({**e, "image": image})
       else:
         missing.append(image)
-      _progress(log, f"check {os.path.basename(path)} images", i, len(entries),
+      _progress(log, f"check {paths.basename(path)} images", i, len(entries),
                 _step(len(entries)))
     if missing and not skip_missing:
       raise PrepareError(f"{path}: {len(missing):,} of {len(entries):,} images not found, e.g. "
                          f"{missing[0]} (add --pairs_remap OLD=NEW for the JSON's path prefix, "
                          "or --skip_missing_images to leave them out)")
-    name = os.path.basename(path)
+    name = paths.basename(path)
     with atomic_file(os.path.join(out, "pairs", name)) as f:
       json.dump(kept, f)
     counts[name] = {"pairs": len(entries), "kept": len(kept), "missing_images": len(missing)}
   return counts
 
 
-def build_tfds(out: str, pair_files: Sequence[str], log: Log) -> dict[str, str]:
-  """TFDS array_record datasets of the prepared directories (imports TFDS only here)."""
+def build_tfds(out: str, pair_files: Sequence[str], log: Log, data_dir: str = ""
+               ) -> dict[str, str]:
+  """TFDS array_record datasets of the prepared directories in `data_dir` (default OUT/tfds;
+  a gs:// URL: built locally and uploaded, data/tfds_storage.py). Imports TFDS only here."""
   from contextblip_jax.data import tfds_imagecode, tfds_pairs
-  built, data_dir = {}, os.path.join(out, "tfds")
+  built, data_dir = {}, data_dir or os.path.join(out, "tfds")
   if os.path.isdir(os.path.join(out, "imagecode")):
     log("tfds: building contextblip_imagecode (array_record)")
     built["imagecode"] = os.fspath(
@@ -202,8 +213,17 @@ def build_tfds(out: str, pair_files: Sequence[str], log: Log) -> dict[str, str]:
 
 def prepare(out: str, *, imagecode_images: str = "", imagecode_annotations: str = "",
             pairs: Sequence[str] = (), pairs_remap: Sequence[str] = (), pairs_image_root: str = "",
-            skip_missing_images: bool = False, tfds: bool = False, log: Log = print) -> dict:
+            skip_missing_images: bool = False, tfds: bool = False, tfds_dir: str = "",
+            log: Log = print) -> dict:
   """Runs every requested part; returns the summary written to OUT/prepared.json."""
+  if paths.is_remote(out):
+    raise PrepareError(
+        f"--out {out}: must be a local folder (image-sets.zip is extracted, or a folder "
+        "linked, there); prepare locally and copy the folder with `gcloud storage cp -r`, "
+        "or keep --out local and write the TFDS datasets to the bucket with --tfds "
+        "--tfds_dir gs://...")
+  if tfds_dir and not tfds:
+    raise PrepareError(f"--tfds_dir {tfds_dir}: only used with --tfds")
   remaps = []
   for r in pairs_remap:
     old, sep, new = r.partition("=")
@@ -224,7 +244,7 @@ def prepare(out: str, *, imagecode_images: str = "", imagecode_annotations: str 
     files = ",".join(os.path.join(out, "pairs", n) for n in summary["pairs"])
     summary["flags"].append(f"--config.data.pairs_json={files}")
   if tfds:
-    summary["tfds"] = build_tfds(out, list(summary.get("pairs", {})), log)
+    summary["tfds"] = build_tfds(out, list(summary.get("pairs", {})), log, tfds_dir)
   with atomic_file(os.path.join(out, "prepared.json")) as f:
     json.dump(summary, f, indent=1)
   log("done; run the configs with " + " ".join(summary["flags"]))
@@ -250,13 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="leave out pairs whose image is missing (counted) instead of stopping")
   p.add_argument("--tfds", action="store_true",
                  help="also build the TFDS array_record datasets under OUT/tfds")
+  p.add_argument("--tfds_dir", default="",
+                 help="where --tfds writes the datasets (default OUT/tfds); may be gs://...")
   args = p.parse_args(argv)
   log = lambda s: print(s, flush=True)  # noqa: E731
   try:
     prepare(args.out, imagecode_images=args.imagecode_images,
             imagecode_annotations=args.imagecode_annotations, pairs=args.pairs,
             pairs_remap=args.pairs_remap, pairs_image_root=args.pairs_image_root,
-            skip_missing_images=args.skip_missing_images, tfds=args.tfds, log=log)
+            skip_missing_images=args.skip_missing_images, tfds=args.tfds,
+            tfds_dir=args.tfds_dir, log=log)
   except (PrepareError, imagecode.ImagecodeDataError, OSError) as e:
     if os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
       raise

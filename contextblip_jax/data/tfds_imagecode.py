@@ -18,6 +18,8 @@ training pipeline produces exactly the plain reader's pixels.
 
 Splits present in the manual directory are built: "train", "valid", "test".
 Evaluation grouped by set uses the plain reader (images on disk); this builder stores examples.
+The manual directory and the output data_dir may be gs:// URLs (tfds_storage: what works
+there and how).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from contextblip_jax.data import imagecode
+from contextblip_jax.data import imagecode, tfds_storage
 from contextblip_jax.storage import paths
 
 _INSTRUCTIONS = """\
@@ -101,17 +103,15 @@ class ImagecodeBuilder(tfds.core.GeneratorBasedBuilder):
       yield e.example_id, {
           "example_id": e.example_id, "set_name": e.set_name, "description": e.description,
           "position": e.position, "label": e.label, "is_video": e.is_video,
-          "tags": list(e.tags), "image_names": [os.path.basename(p) for p in e.image_paths],
+          "tags": list(e.tags), "image_names": [paths.basename(p) for p in e.image_paths],
           "image_bytes": images}
 
 
 def build(manual_dir: str, data_dir: str, config: str | ImagecodeConfig = "default"
           ) -> ImagecodeBuilder:
-  """Builds (once; later calls reuse the files) and returns the builder."""
-  builder = ImagecodeBuilder(data_dir=data_dir, config=config, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+  """Builds (once; later calls reuse the files) and returns the builder; `manual_dir` and
+  `data_dir` may be gs:// URLs (tfds_storage.build)."""
+  return tfds_storage.build(ImagecodeBuilder, manual_dir, data_dir, config)
 
 
 def as_text(x) -> str:

@@ -9,8 +9,10 @@ one record per pair:
   pair_id, caption (cleaned), raw_caption, image_name: text
   image_bytes: bytes   the image file, verbatim
 
-Read with `as_data_source()` (records in hashed order: match by `pair_id`);
-`TfdsPairSource` feeds `pipeline.pretrain_pipeline`. See tfds_imagecode for the no-TF notes.
+Read with `as_data_source()` or `tfds_storage.data_sources(version_dir)` (records in hashed
+order: match by `pair_id`); `TfdsPairSource` feeds `pipeline.pretrain_pipeline`. See
+tfds_imagecode for the no-TF notes. The manual directory and the output data_dir may be
+gs:// URLs (tfds_storage: what works there and how).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from contextblip_jax.data import pairs as pairs_lib
+from contextblip_jax.data import tfds_storage
 from contextblip_jax.data.tfds_imagecode import as_text
+from contextblip_jax.storage import paths
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,22 +67,29 @@ class PairsBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual_dir: str):
     cfg = self.builder_config
-    data = pairs_lib.read_pairs([os.path.join(manual_dir, f) for f in cfg.files], manual_dir,
+    data = pairs_lib.read_pairs([paths.join(manual_dir, f) for f in cfg.files], manual_dir,
                                 max_words=cfg.max_words, on_error=cfg.on_error)
     for e in data.examples:
-      with open(e.image_path, "rb") as f:
+      with paths.open(e.image_path, "rb") as f:
         image = f.read()
       yield e.pair_id, {"pair_id": e.pair_id, "caption": e.caption, "raw_caption": e.raw_caption,
-                        "image_name": os.path.relpath(e.image_path, manual_dir),
+                        "image_name": _relative(e.image_path, manual_dir),
                         "image_bytes": image}
 
 
-def build(manual_dir: str, data_dir: str, config: str | PairsConfig = "default") -> PairsBuilder:
-  """Builds (once; later calls reuse the files) and returns the builder."""
-  builder = PairsBuilder(data_dir=data_dir, config=config, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+def _relative(path: str, root: str) -> str:
+  """`path` relative to `root` (local paths as os.path.relpath; URLs under root: the rest)."""
+  if paths.is_remote(path) or paths.is_remote(root):
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+  return os.path.relpath(path, root)
+
+
+def build(manual_dir: str, data_dir: str, config: str | PairsConfig = "default"
+          ) -> PairsBuilder:
+  """Builds (once; later calls reuse the files) and returns the builder; `manual_dir` and
+  `data_dir` may be gs:// URLs (tfds_storage.build)."""
+  return tfds_storage.build(PairsBuilder, manual_dir, data_dir, config)
 
 
 class TfdsPairSource:

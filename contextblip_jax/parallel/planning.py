@@ -40,11 +40,15 @@ class Chip:
 
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 275, 32, 1200, 4, 240, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 197, 16, 819, 4, 112, "https://cloud.google.com/tpu/docs/v5e", 8),
+    # v5e: 8 chips per host VM (ct5lp-hightpu-8t, 224 vCPUs); a 4x4 slice is 2 hosts.
+    "v5e": Chip("TPU v5e", 197, 16, 819, 8, 224,
+                "https://cloud.google.com/tpu/docs/v5e (chip table, slice shapes, VM types)"),
     "v5p": Chip("TPU v5p", 459, 95, 2765, 4, 208, "https://cloud.google.com/tpu/docs/v5p"),
-    # v6e host vCPUs (ct6e-standard-4t) not confirmed against the machine-type table.
-    "v6e": Chip("TPU v6e (Trillium)", 918, 32, 1640, 4, 180,
-                "https://cloud.google.com/tpu/docs/v6e", 8),
+    # v6e: 8 chips per host (the page's chip table). The vCPUs of the 8-chip VM
+    # (ct6e-standard-8t, 180) are not in that table: check them with
+    # `gcloud compute machine-types describe ct6e-standard-8t --zone ZONE`.
+    "v6e": Chip("TPU v6e (Trillium)", 918, 32, 1640, 8, 180,
+                "https://cloud.google.com/tpu/docs/v6e (chip table)"),
     "h100": Chip("NVIDIA H100 SXM", 989, 80, 3350, 8, 208,
                  "https://www.nvidia.com/en-us/data-center/h100/ (a3-highgpu-8g host)"),
     "h200": Chip("NVIDIA H200 SXM", 989, 141, 4800, 8, 224,
@@ -150,8 +154,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
 
 
 def hosts(chip: Chip | None, chips: int) -> int:
-  """Host VMs of a slice: one up to `single_host_chips` (v5e-8 and v6e-8 are single hosts),
-  else `chips_per_host` chips each."""
+  """Host VMs of a slice: one up to `single_host_chips` (default `chips_per_host`), else
+  `chips_per_host` chips each (v5e:4x4 -> 2, v5p:2x2x2 -> 2)."""
   if chip is None:
     return 1
   if chips <= (chip.single_host_chips or chip.chips_per_host):

@@ -5,6 +5,8 @@ Layout of the workdir:
   data/                    the generated synthetic dataset (IMAGECODE layout + pairs)
   backbone/ pretrain/ finetune1/ finetune2/   one stage workdir each (see storage/workdir.py)
   predict/eval/            stage-2 predictions + leaderboard JSON for the unlabelled test file
+  error_analysis/          index.html: the error-analysis page of the stage-2 valid predictions
+                           (`evaluation/error_page.py`), with its thumbnails
   report.md, report.json   the table of accuracies against chance, timings, figures
 
 A rerun reuses the data and every finished stage (DONE.json) and resumes an interrupted one,
@@ -27,7 +29,7 @@ import jax
 import ml_collections
 
 from contextblip_jax.data import synthetic
-from contextblip_jax.evaluation import accuracy, paper_table
+from contextblip_jax.evaluation import accuracy, error_page, paper_table
 from contextblip_jax.run import evaluate, train
 from contextblip_jax.storage import lock, paths
 from contextblip_jax.storage import workdir as wd
@@ -35,11 +37,12 @@ from contextblip_jax.storage.atomic import atomic_file
 
 STAGES = ("backbone", "pretrain", "finetune1", "finetune2")
 # What the demo's workdir holds besides a workdir's own entries (storage/workdir.py).
-ENTRIES = ("data", *STAGES, "predict", "report.md", "report.json")
-# Stage config fields that say where a stage runs or finds things, not what it computes: left
-# out of the fingerprints.
+ERROR_PAGE_DIR = "error_analysis"
+ENTRIES = ("data", *STAGES, "predict", ERROR_PAGE_DIR, "report.md", "report.json")
+# Stage config fields that say where a stage runs, finds things or logs (W&B), not what it
+# computes: left out of the fingerprints.
 _PATH_FIELDS = (("data", "imagecode_dir"), ("data", "pairs_json"), ("init_workdir",),
-                ("compilation_cache",), ("train", "restart"), ("platform",))
+                ("compilation_cache",), ("train", "restart"), ("platform",), ("wandb",))
 ROWS = (("pretrain", "zero-shot (ITM, after ContextBLIP pre-training)"),
         ("finetune1", "fine-tuned, stage 1 (per-candidate head)"),
         ("finetune2", "fine-tuned, stage 2 (inter-context encoder)"))
@@ -143,6 +146,11 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t = time.time()
     summary["predict"] = _predict(cfg, data_dir, workdir, previous)
     times["predict"] = time.time() - t
+  t = time.time()
+  page = error_analysis_page(workdir, data_dir, summary)
+  if page:
+    summary["error_page"] = page
+    times["error_page"] = time.time() - t
   times["total"] = sum(times.values())
   summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
   _write_report(workdir, summary)
@@ -175,6 +183,23 @@ def _predict(cfg, data_dir: str, workdir: str, finetune2_fp: str) -> dict[str, A
   report = evaluate.run(c, out_dir)
   wd.write_built_from(out_dir, record)
   return {"files": report["files"], "unlabelled": report.get("unlabelled")}
+
+
+def error_analysis_page(workdir: str, data_dir: str, summary: dict[str, Any]) -> str | None:
+  """<workdir>/error_analysis/index.html for the last stage's valid predictions (with the
+  overlays its evaluation saved); returns its path (None without valid predictions)."""
+  files = (summary.get(STAGES[-1], {}).get("valid") or {}).get("files") or {}
+  pred = files.get("predictions")
+  if jax.process_index() != 0 or not pred or not os.path.isfile(pred):
+    return None
+  head = os.path.basename(pred).split("_valid.")[0]
+  overlays = os.path.join(os.path.dirname(pred), f"{head}_attention_overlays")
+  inp = error_page.PageInputs(
+      pred, data_dir, os.path.join(workdir, ERROR_PAGE_DIR), propositions="",
+      overlays=overlays if os.path.isfile(os.path.join(overlays, "index.json")) else "")
+  page = error_page.build_page(inp, log=lambda _: None)
+  _say(f"[demo] error-analysis page: {page}")
+  return page
 
 
 # ------------------------------------------------------------------ report
@@ -230,6 +255,10 @@ def _write_report(workdir: str, summary: dict[str, Any]) -> None:
   for name in STAGES:
     for fig in summary.get(name, {}).get("figures", []) or []:
       lines.append(f"![{name}]({os.path.relpath(fig, workdir)})")
+  if summary.get("error_page"):
+    rel = os.path.relpath(summary["error_page"], workdir)
+    lines += ["", "Error-analysis page of the stage-2 valid predictions (open it in a browser; "
+              f"filters for wrong / correct, video / static, tags): [`{rel}`]({rel})"]
   board = summary.get("predict", {}).get("files", {}).get("leaderboard")
   if board:
     lines += ["", f"Test-set leaderboard JSON: `{os.path.relpath(board, workdir)}`"]

@@ -54,7 +54,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   props = propositions.for_split(cfg, split_name, (e.description for e in split.examples))
   evaluator = loop.Evaluator(model, cfg.eval.head, cfg, mesh, shardings)
   out_dir = paths.join(workdir, wd.EVAL)
-  with MetricWriter(workdir, stage=cfg.mode) as writer:
+  with MetricWriter(workdir, stage=cfg.mode, config=cfg) as writer:
     report = loop.evaluate_split(evaluator, params, split, out_dir, name, writer,
                                  propositions=props)
   if cfg.eval.visualize and split.labelled:

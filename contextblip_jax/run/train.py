@@ -271,7 +271,7 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
     step_fn, report = compilation.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
                                          name=f"{stage} train_step")
   evaluator = _Eval(cfg, model, stage, mesh, state_sh, workdir)
-  writer = MetricWriter(workdir, stage=stage)
+  writer = MetricWriter(workdir, stage=stage, config=cfg)   # + a W&B run (config.wandb)
   run = StageRun(cfg, workdir, stage, model, evaluator, writer, spe, total)
   start = int(state.step)
   summary: dict[str, Any] = {"stage": stage, "steps": total, "steps_per_epoch": spe,
@@ -312,6 +312,9 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
           ckpt.save(done_steps, state, data_iter, meta=meta, force=True)
           break
     finite.check()                        # before the export and DONE.json
+  except BaseException:
+    writer.close(failed=True)             # the W&B run ends as failed
+    raise
   finally:
     ckpt.close()
   if preempted:
@@ -319,9 +322,9 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
     distributed.log_main("%s: stopped on SIGTERM at step %d (checkpoint saved)", stage,
                          int(state.step))
     return {**summary, "preempted": True, "step": int(state.step)}
-  summary.update(_finish(run, state, meta))
-  summary["seconds"] = round(time.time() - t_start, 1)
-  writer.close()
+  with writer:                            # closed (failed) on an exception here too
+    summary.update(_finish(run, state, meta))
+    summary["seconds"] = round(time.time() - t_start, 1)
   wd.write_done(workdir, summary)
   return summary
 

@@ -11,8 +11,9 @@ learning rate (finite and > 0) and the other optimizer numbers (finite, in range
 (on_error, max_length, reader threads, min_scale, augmentation); eval (head, split,
 sets_per_batch, max_sets, visualize); the objective's numbers and choices; the freeze rules;
 the mesh (-1 or >= 1 per axis) and that the training batch divides over the data-parallel
-devices of the mesh. The demo config is checked stage by stage
-(keys named `stages.<stage>.<key>`). Called first by `run/cli.py` and by
+devices of the mesh; the W&B block (wandb.mode, the strings and tags, and with
+wandb.enabled=True that wandb is installed, found without importing it). The demo config is
+checked stage by stage (keys named `stages.<stage>.<key>`). Called first by `run/cli.py` and by
 `run/train.train_and_evaluate`.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from contextblip_jax.parallel import accelerator
+from contextblip_jax.storage import wandb_writer
 from contextblip_jax.training import masking
 
 MODES = ("backbone", "pretrain", "finetune1", "finetune2", "evaluate", "predict", "demo")
@@ -106,6 +108,7 @@ def _collect(cfg, prefix: str, num_devices: int | None) -> list[str]:
   _objective(p, cfg.get("objective") or {})
   _freeze(p, cfg.get("freeze") or [])
   _mesh(p, cfg, mode, num_devices)
+  _wandb(p, cfg.get("wandb"))
   return p.items
 
 
@@ -205,6 +208,25 @@ def _freeze(p: _Problems, rules) -> None:
       ok = False
     if not ok:
       p.add(f"freeze[{i}]", rule, "must be (regex, 'train' | 'freeze')")
+
+
+def _wandb(p: _Problems, w) -> None:
+  """config.wandb (configs/common.py wandb_config); absent in older configs: nothing to check."""
+  if w is None:
+    return
+  if not isinstance(w.get("enabled"), bool):
+    p.add("wandb.enabled", w.get("enabled"), "must be True or False")
+  if w.get("mode") not in wandb_writer.MODES:
+    p.add("wandb.mode", w.get("mode"), "must be one of 'online', 'offline' or '' ($WANDB_MODE, "
+          "else 'online')")
+  for key in ("project", "entity", "name"):
+    if not isinstance(w.get(key), str):
+      p.add(f"wandb.{key}", w.get(key), "must be a string")
+  tags = w.get("tags")
+  if not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) and t for t in tags):
+    p.add("wandb.tags", tags, "must be a tuple of non-empty strings")
+  if w.get("enabled") is True and (why := wandb_writer.missing()):
+    p.add("wandb.enabled", True, why.replace("config.wandb.enabled=True but ", ""))
 
 
 def _mesh(p: _Problems, cfg, mode: str, num_devices: int | None) -> None:

@@ -1,4 +1,5 @@
-"""Logging of scalars and progress: TensorBoard event files, `metrics.jsonl`, progress lines.
+"""Logging of scalars and progress: TensorBoard event files, `metrics.jsonl`, progress lines,
+and a Weights & Biases run when `config.wandb.enabled` (storage/wandb_writer.py).
 
 `MetricWriter` writes on process 0 only (other processes get a writer that does nothing), so
 the loops call it unconditionally. Every record in `metrics.jsonl` is one JSON object per line:
@@ -19,7 +20,7 @@ from typing import Any, Mapping, TextIO
 import jax
 import numpy as np
 
-from contextblip_jax.storage import paths
+from contextblip_jax.storage import paths, wandb_writer
 
 
 def _to_float(v: Any) -> float | None:
@@ -31,40 +32,57 @@ def _to_float(v: Any) -> float | None:
 
 
 class MetricWriter:
-  """Scalars to TensorBoard (tensorboardX) and `<logdir>/metrics.jsonl`; process 0 only.
+  """Scalars to TensorBoard (tensorboardX), `<logdir>/metrics.jsonl` and, with
+  `config.wandb.enabled`, a W&B run; process 0 only. Close it (or use it as a context manager:
+  an exception ends the W&B run as failed).
 
   Args:
     logdir: directory of the event files and metrics.jsonl (created).
     stage: a label stored in every JSONL record and used as the TensorBoard prefix.
     enabled: default `jax.process_index() == 0`.
+    config: the run's config; its `wandb` block (configs/common.py) turns W&B on, and the W&B
+      run records the whole config. None: no W&B.
   """
 
-  def __init__(self, logdir: str, stage: str = "", enabled: bool | None = None):
+  def __init__(self, logdir: str, stage: str = "", enabled: bool | None = None,
+               config: Any = None):
     self.logdir = logdir
     self.stage = stage
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self._tb = None
     self._jsonl = None
+    self._wandb = None
     if self.enabled:
       paths.makedirs(logdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=paths.join(logdir, "tb"))
-      self._jsonl = paths.open(paths.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._wandb = wandb_writer.open_run(logdir, stage, config)   # first: fails before files
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(logdir=paths.join(logdir, "tb"))
+        self._jsonl = paths.open(paths.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+      except BaseException:
+        self.close(failed=True)
+        raise
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """One JSONL record and one TensorBoard scalar per entry (non-numeric values: JSONL only)."""
+    """One JSONL record, and one TensorBoard (and W&B) scalar per finite numeric entry (text and
+    non-finite values: JSONL only)."""
     if not self.enabled:
       return
     record: dict[str, Any] = {"step": int(step), "stage": self.stage, "time": time.time()}
+    tagged: dict[str, float] = {}                       # TensorBoard's (and W&B's) scalars
     for name, value in scalars.items():
       f = _to_float(value)
       if f is None:
         record[name] = value
         continue
       record[name] = f if math.isfinite(f) else str(f)   # 'nan' / 'inf': strict JSON
-      if self._tb is not None and math.isfinite(f):
-        tag = f"{self.stage}/{name}" if self.stage else name
+      if math.isfinite(f):
+        tagged[f"{self.stage}/{name}" if self.stage else name] = f
+    for tag, f in tagged.items():
+      if self._tb is not None:
         self._tb.add_scalar(tag, f, int(step))
+    if self._wandb is not None:
+      self._wandb.log(step, tagged)
     self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
     self._jsonl.flush()
 
@@ -72,19 +90,25 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
 
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
+  def close(self, failed: bool = False) -> None:
+    """Closes the files and finishes the W&B run (`failed`: exit code 1, shown as failed)."""
+    wandb_run, self._wandb = self._wandb, None
+    try:
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
+      if self._jsonl is not None:
+        self._jsonl.close()
+        self._jsonl = None
+    finally:
+      if wandb_run is not None:
+        wandb_run.finish(exit_code=1 if failed else 0)
 
   def __enter__(self) -> "MetricWriter":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    self.close(failed=exc_type is not None)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

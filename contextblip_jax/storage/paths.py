@@ -137,7 +137,13 @@ def open(path: str, mode: str = "r", encoding: str | None = None) -> IO:   # pyl
   fs, inner = _fs(path)
   if "a" in mode:
     return _RemoteAppend(path, mode, encoding)
-  return fs.open(inner, mode, encoding=encoding) if "b" not in mode else fs.open(inner, mode)
+  # Reads use a plain read-ahead cache: the files read here (images, JSON, weights copied in
+  # large chunks) are read whole, front to back, and gcsfs' default adaptive cache starts a
+  # background prefetcher (and logs a line) for every file opened.
+  kwargs = {"cache_type": "readahead"} if "r" in mode else {}
+  if "b" not in mode:
+    kwargs["encoding"] = encoding
+  return fs.open(inner, mode, **kwargs)
 
 
 class _RemoteAppend(io.StringIO):

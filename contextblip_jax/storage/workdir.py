@@ -8,6 +8,7 @@
                             vocab.txt, provenance.json {stage, step, valid_acc, init, time})
   <workdir>/DONE.json       written last: the stage finished; a rerun reuses it
   <workdir>/metrics.jsonl, tb/   metrics (process 0)
+  <workdir>/wandb/          the W&B run's local files (config.wandb.enabled; process 0)
   <workdir>/eval/           predictions JSONL, reports, leaderboard, PNGs
   <workdir>/LOCK            held while a run uses the workdir (storage/lock.py)
   <workdir>/built_from.json what the stage was built from (the demo's fingerprints)
@@ -46,9 +47,10 @@ HF_EXPORT_MARKER = "contextblip_jax_export.json"   # written by `weight_convert 
 # Entries a stage workdir may hold (plus config.<time>.json, restarted.<time>/ and the
 # temporary siblings of export/ and DONE.json).
 STAGE_ENTRIES = (CONFIG, CKPT, CKPT_CORRUPT, EXPORT, DONE, EVAL, "metrics.jsonl", "tb", "LOCK",
-                 BUILT_FROM, DONE + ".tmp")
+                 BUILT_FROM, DONE + ".tmp", "wandb")
 # What a previous run leaves (train.restart=True moves these aside).
-RUN_ENTRIES = (CKPT, CKPT_CORRUPT, EXPORT, DONE, EVAL, "metrics.jsonl", "tb", BUILT_FROM)
+RUN_ENTRIES = (CKPT, CKPT_CORRUPT, EXPORT, DONE, EVAL, "metrics.jsonl", "tb", BUILT_FROM,
+               "wandb")
 
 
 class WorkdirError(ValueError):
@@ -214,5 +216,5 @@ def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
       logging.warning("%s: the config differs from the previous run's (kept as "
                       "config.<time>.json)", workdir)
       paths.rename(path, paths.join(workdir, f"config.{int(time.time())}.json"))
-  with paths.open(path, "w", encoding="utf-8") as f:
+  with atomic_file(path) as f:                  # a crash leaves the old file or none
     f.write(text)
