@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from contextblip_jax.data import (imagecode, pairs, pipeline, prepare, tfds_imagecode,
+from contextblip_jax.data import (imagecode, pairs, pipeline, prepare, preprocess, tfds_imagecode,
                                   tfds_pairs, tfds_storage)
 from contextblip_jax.storage import paths
 from contextblip_jax.storage.param_dir import load_param_dir
@@ -99,6 +99,10 @@ def test_pairs_errors_name_the_remote_file(bucket, tmp_path):
                                                   ("gs://bkt/errs/p.json", 2)]
   assert "cannot load image gs://bkt/errs/img/zz.png: no such file" in skipped[0].reason
   assert "cannot load image gs://bkt/errs/bad.png: not a recognised" in skipped[1].reason
+  # The image reader opens first (one request); what was missing is told apart afterwards.
+  with pytest.raises(preprocess.ImageLoadError, match=r"gs://bkt/errs/img: is a directory"):
+    preprocess.open_rgb("gs://bkt/errs/img")
+  assert preprocess.open_rgb("gs://bkt/errs/img/0.png").size == (12, 12)
 
 
 # ------------------------------------------------------------------ TFDS / array_record

@@ -64,15 +64,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str) -> Image.Image:
   """Opens and fully decodes `path` as an RGB PIL image; raises ImageLoadError on failure."""
   path = os.fspath(path)
-  if not paths.exists(path):                    # a local path or a gs:// URL
-    raise ImageLoadError(path, "no such file")
-  if paths.isdir(path):
-    raise ImageLoadError(path, "is a directory")
-  try:
+  try:                        # a local path or a gs:// URL; opened first: one request remotely
     with paths.open(path, "rb") as f:
       data = f.read()
+  except IsADirectoryError as e:
+    raise ImageLoadError(path, "is a directory") from e
+  except FileNotFoundError as e:              # an object store: a "directory" is not a file
+    raise ImageLoadError(path, "is a directory" if paths.isdir(path) else "no such file") from e
   except OSError as e:
     raise ImageLoadError(path, f"unreadable ({e.strerror or e})") from e
+  if not data and paths.is_remote(path) and paths.isdir(path):   # gcsfs reads a prefix as b""
+    raise ImageLoadError(path, "is a directory")
   return decode_rgb(data, name=path)
 
 

@@ -80,6 +80,9 @@ class Browser:
     args = [self.executable, "--headless", "--no-sandbox", "--disable-gpu",
             "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
             "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+            # No background traffic (updates, sync, QUIC probes): CI machines have no network.
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-quic",
             f"--user-data-dir={self._profile}", "--remote-debugging-pipe",
             f"--window-size={self.width},{self.height}", "about:blank"]
     # The browser expects the pipe on descriptors 3 and 4: a small Python program puts them
