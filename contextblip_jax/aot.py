@@ -68,15 +68,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from contextblip_jax.parallel.planning import PlanError  # pylint: disable=g-import-not-at-top
   from contextblip_jax.run import plan, validate_config  # pylint: disable=g-import-not-at-top
+  from contextblip_jax.storage import cli_errors  # pylint: disable=g-import-not-at-top
   try:
     validate_config.validate(_CONFIG.value)
     return plan.main(_CONFIG.value, _TOPOLOGY.value, _SLICES.value, _JSON.value,
                      platform=_PLATFORM.value, step=_STEP.value)
   except (PlanError, ValueError, OSError) as e:
-    if os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(cli_errors.report(e))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ with its `contextblip_jax_export.json` marker for export) that neither is nor ho
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from contextblip_jax.storage import cli_errors
 from contextblip_jax.storage.checkpoints import silence_shutdown_noise
 from weight_convert.converter import convert
 from weight_convert.export_hf import export_authors, export_checkpoint
@@ -154,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               scan_layers=args.scan_layers, tmim=args.tmim, decoder_heads=args.decoder_heads,
               context_heads=args.context_heads, overwrite=args.overwrite, log=log)
   except (ConversionError, OSError, ValueError, KeyError) as e:
-    if args.verbose or os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return cli_errors.report(e, verbose=args.verbose)
   return 0
 
 

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.propositions import SHIPPED_FILE
-from contextblip_jax.storage import paths
+from contextblip_jax.storage import cli_errors, paths
 from contextblip_jax.storage.atomic import atomic_file
 
 Log = Callable[[str], None]
@@ -281,10 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skip_missing_images=args.skip_missing_images, tfds=args.tfds,
             tfds_dir=args.tfds_dir, log=log)
   except (PrepareError, imagecode.ImagecodeDataError, OSError) as e:
-    if os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return cli_errors.report(e)
   return 0
 
 

@@ -49,7 +49,7 @@ from contextblip_jax.data.tokenizer import DEFAULT_MAX_LENGTH, BlipTokenizer, pr
 from contextblip_jax.models.contextblip import (ContextBlip, ContextBlipConfig, init_params,
                                                 make_model, stage_param_names)
 from contextblip_jax.parallel import sharding as shd
-from contextblip_jax.storage import paths
+from contextblip_jax.storage import cli_errors, paths
 from contextblip_jax.storage.checkpoints import silence_shutdown_noise
 from contextblip_jax.storage.param_dir import ParamDir, describe, load_param_dir
 
@@ -274,10 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              dtype=args.dtype, attention_impl=args.attention_impl)
     report = scorer.score_files(list(args.images), list(args.text))
   except (preprocess.ImageLoadError, OSError, ValueError) as e:
-    if args.verbose or os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0"):
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(e, verbose=args.verbose)
   print(json.dumps(report, indent=2))
   return 0
 

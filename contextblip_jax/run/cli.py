@@ -21,16 +21,15 @@ Exit statuses (README, "Safety and errors"):
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from contextblip_jax.parallel import accelerator, distributed
-from contextblip_jax.storage import checkpoints, paths
+from contextblip_jax.storage import checkpoints, cli_errors, paths
 
-EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
+EXIT_ERROR, EXIT_USAGE, EXIT_PREEMPTED = 1, cli_errors.EXIT_USAGE, 75
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -43,8 +42,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def verbose() -> bool:
   """--verbose or CONTEXTBLIP_VERBOSE=1 (a non-empty value other than 0)."""
-  flag = _VERBOSE.value if flags.FLAGS.is_parsed() else False
-  return bool(flag) or os.environ.get("CONTEXTBLIP_VERBOSE", "") not in ("", "0")
+  return cli_errors.verbose_requested(_VERBOSE.value if flags.FLAGS.is_parsed() else False)
 
 
 def _errors():
@@ -116,11 +114,9 @@ def main(argv):
     accelerator.require_platform(_CONFIG.value.get("platform", "auto"))
     summary = run(_CONFIG.value, _WORKDIR.value)
   except user + known as e:
-    if verbose():
-      raise
-    print(f"error: {e}\n(the traceback: rerun with --verbose or CONTEXTBLIP_VERBOSE=1)",
-          file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR if isinstance(e, known) else EXIT_USAGE)
+    sys.exit(cli_errors.report(
+        e, verbose(), hint="\n(the traceback: rerun with --verbose or CONTEXTBLIP_VERBOSE=1)",
+        status=EXIT_ERROR if isinstance(e, known) else EXIT_USAGE))
   if distributed.is_main_process():
     logging.info("summary: %s", json.dumps(summary, default=str)[:2000])
   if summary.get("preempted"):
