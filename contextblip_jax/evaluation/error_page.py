@@ -36,14 +36,13 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from typing import Any, Callable, Sequence
 
 from contextblip_jax.data import imagecode, preprocess
 from contextblip_jax.data import propositions as props_lib
 from contextblip_jax.evaluation import accuracy, error_page_html
 from contextblip_jax.evaluation.thumbnails import DEFAULT_SIZE, Thumbnails
-from contextblip_jax.storage import paths
+from contextblip_jax.storage import cli_errors, paths
 from contextblip_jax.storage.atomic import atomic_file
 
 PAGE_FILE = "index.html"
@@ -279,7 +278,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     page = build_page(inp, log=lambda m: print(m, flush=True))
   except (OSError, ValueError, preprocess.ImageLoadError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(e)
   print(f"page: {page}")
   return 0

@@ -23,11 +23,11 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 from contextblip_jax.data import propositions as props_lib
 from contextblip_jax.evaluation import accuracy
+from contextblip_jax.storage import cli_errors
 from contextblip_jax.storage.atomic import atomic_file
 
 HEADS = ("zero_shot", "stage1", "stage2")
@@ -225,8 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     text = render(find_reports(a.paths), load_counts(a.propositions))
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(e)
   print(text, end="")
   if a.out:
     with atomic_file(a.out) as f:
