@@ -29,22 +29,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_offline_run(logdir, timeout: float = 20.0) -> dict:
-  """The one offline run under `logdir`: {name, project, tags, job_type, config: {key: value},
-  history: {step: {key: value}}, exit_code}. wandb's service writes the log after `finish()`
-  returns: read until its exit record is there (at most `timeout` seconds)."""
-  deadline = time.monotonic() + timeout
-  while True:
-    run = _read_log(logdir)
-    if run["exit_code"] is not None or time.monotonic() > deadline:
-      return run
-    time.sleep(0.05)
+  """The one offline run under `logdir` (read_offline_runs)."""
+  runs = read_offline_runs(logdir, timeout)
+  assert len(runs) == 1, [r["folder"] for r in runs]
+  return runs[0]
 
 
-def _read_log(logdir) -> dict:
-  from wandb.proto import wandb_internal_pb2 as pb  # pylint: disable=g-import-not-at-top
+def read_offline_runs(logdir, timeout: float = 20.0) -> list[dict]:
+  """Every offline run folder under `logdir`, oldest first: {folder, run_id, resume, resumed,
+  name, project, tags, job_type, config: {key: value}, history: {step: {key: value}},
+  exit_code}. wandb's service writes the log after `finish()` returns: read until each exit
+  record is there (at most `timeout` seconds)."""
   files = glob.glob(os.path.join(str(logdir), "wandb", "offline-run-*", "run-*.wandb"))
-  assert len(files) == 1, files
-  data = open(files[0], "rb").read()
+  deadline = time.monotonic() + timeout
+  runs = []
+  for path in files:
+    while True:
+      run = _read_log(path)
+      if run["exit_code"] is not None or time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+    runs.append(run)
+  return sorted(runs, key=lambda r: r["start"])
+
+
+def _read_log(path) -> dict:
+  from wandb.proto import wandb_internal_pb2 as pb  # pylint: disable=g-import-not-at-top
+  data = open(path, "rb").read()
   assert data[:4] == b":W&B", data[:7]
   block, pos, pending, records = 32768, 7, b"", []
   while pos + 7 <= len(data):
@@ -61,11 +72,13 @@ def _read_log(logdir) -> dict:
     if kind in (1, 4):                               # FULL, or LAST of FIRST/MIDDLE/LAST
       records.append(pb.Record.FromString(pending))
       pending = b""
-  out = {"history": {}, "exit_code": None}
+  out = {"folder": os.path.basename(os.path.dirname(path)), "start": 0, "history": {},
+         "exit_code": None}
   for r in records:
     kind = r.WhichOneof("record_type")
     if kind == "run":
-      out.update(name=r.run.display_name, project=r.run.project, tags=list(r.run.tags),
+      out.update(run_id=r.run.run_id, resume=r.run.resume, resumed=r.run.resumed,
+                 start=r.run.start_time.ToNanoseconds(), name=r.run.display_name, project=r.run.project, tags=list(r.run.tags),
                  job_type=r.run.job_type,
                  config={i.key: json.loads(i.value_json) for i in r.run.config.update})
     elif kind == "history":
@@ -157,6 +170,70 @@ def test_an_exception_finishes_the_run_as_failed(offline):
   assert run["history"][3]["pretrain/loss"] == 0.125
 
 
+def test_a_resumed_stage_continues_its_run_and_a_restart_starts_a_new_one(offline):
+  """A training stage's writer (resume=True) keeps its run id in <logdir>/wandb/run_id; the
+  next writer there (the stage resumed after a crash) continues that run in a new offline
+  folder with the same id, marked resume; train.restart's move gives a new id; evaluation
+  writers (resume=False) keep no id."""
+  logdir = offline / "stage"
+  c = _wandb_config(mode="offline")
+  with pytest.raises(RuntimeError, match="preempted"):
+    with MetricWriter(str(logdir), stage="finetune1", config=c, resume=True) as w:
+      w.write_scalars(1, {"loss": 3.0})
+      w.write_scalars(2, {"loss": 2.0})
+      raise RuntimeError("preempted")
+  id_file = logdir / "wandb" / "run_id"
+  run_id = id_file.read_text().strip()
+  c.wandb.name = "renamed"                          # another name: still the same run
+  with MetricWriter(str(logdir), stage="finetune1", config=c, resume=True) as w:
+    w.write_scalars(3, {"loss": 1.0})
+  first, second = read_offline_runs(logdir)
+  assert first["run_id"] == second["run_id"] == run_id
+  assert first["folder"].endswith(run_id) and second["folder"] != first["folder"]
+  assert (first["resume"], second["resume"]) == (False, True)
+  assert not second["resumed"]                      # offline: not checked with the server
+  assert (first["exit_code"], second["exit_code"]) == (1, 0)
+  assert {s: h["finetune1/loss"] for s, h in first["history"].items()} == {1: 3.0, 2: 2.0}
+  assert {s: h["finetune1/loss"] for s, h in second["history"].items()} == {3: 1.0}
+  assert second["name"] == "renamed" and id_file.read_text().strip() == run_id
+
+  wd.move_previous_run(str(logdir))                 # what train.restart=True does
+  with MetricWriter(str(logdir), stage="finetune1", config=c, resume=True) as w:
+    w.write_scalars(1, {"loss": 5.0})
+  (third,) = read_offline_runs(logdir)
+  assert third["run_id"] != run_id and not third["resume"]
+  assert id_file.read_text().strip() == third["run_id"]
+
+  for _ in range(2):                                # evaluation: a new run each time
+    with MetricWriter(str(offline / "ev"), stage="evaluate", config=c) as w:
+      w.write_scalars(0, {"acc": 0.5})
+  ev1, ev2 = read_offline_runs(offline / "ev")
+  assert ev1["run_id"] != ev2["run_id"] and not (ev1["resume"] or ev2["resume"])
+  assert not os.path.exists(offline / "ev" / "wandb" / "run_id")
+
+  id_file.write_text("not an id\n")
+  with pytest.raises(wandb_writer.WandbError, match=r"wandb/run_id: expected one W&B run id"):
+    MetricWriter(str(logdir), stage="finetune1", config=c, resume=True)
+
+
+def test_steps_below_a_resumed_runs_starting_step_are_left_out():
+  """Online, a resumed run starts after its last step; the steps a resumed stage logs again
+  are not sent (wandb would drop each with a warning)."""
+  sent = []
+
+  class FakeRun:
+    id, starting_step = "abc", 5
+
+    def log(self, values, step):
+      sent.append((step, values))
+
+  run = object.__new__(wandb_writer.WandbRun)
+  run.run, run.skipped = FakeRun(), 0
+  for step in (3, 4, 5, 6):
+    run.log(step, {"loss": float(step)})
+  assert sent == [(5, {"loss": 5.0}), (6, {"loss": 6.0})] and run.skipped == 2
+
+
 def test_bad_keys_and_a_missing_wandb_are_named_before_any_work(monkeypatch, tmp_path):
   c = _wandb_config(mode="cloud", tags=("ok", ""))
   c = ml_collections.ConfigDict(c.to_dict(), type_safe=False)   # as a hand-built config may be
@@ -191,7 +268,8 @@ def test_default_name_uses_the_workdir_or_its_parent():
 def test_tiny_training_logs_its_loss_and_a_crash_fails_the_run(offline):
   """End to end: a tiny stage-1 run with wandb.enabled (offline) logs its loss at every step
   and finishes its W&B run; a rerun that crashes ends its run as failed and keeps the loss it
-  logged; the workdir with its wandb/ is still a workdir."""
+  logged, and resumed from its checkpoint it continues that W&B run; the workdir with its
+  wandb/ is still a workdir."""
   root = offline
   data = make_data(root)
   c = _wandb_config()
@@ -214,8 +292,14 @@ def test_tiny_training_logs_its_loss_and_a_crash_fails_the_run(offline):
     def crash(step, metrics):
       if step == 2:
         raise RuntimeError("simulated crash")
+    c.train.save_every = 1
     with pytest.raises(RuntimeError, match="simulated crash"):
       train.train_and_evaluate(c, str(root / "crash"), hooks=[crash])
-  run = read_offline_run(root / "crash")
-  assert run["exit_code"] == 1 and max(run["history"]) == 1      # step 2 crashed
-  assert run["history"][1]["finetune1/loss"] == pytest.approx(losses[0])
+    run = read_offline_run(root / "crash")
+    assert run["exit_code"] == 1 and max(run["history"]) == 1      # step 2 crashed
+    assert run["history"][1]["finetune1/loss"] == pytest.approx(losses[0])
+    assert train.train_and_evaluate(c, str(root / "crash"))["final_step"] == 2   # resumed
+  crashed, resumed = read_offline_runs(root / "crash")
+  assert resumed["run_id"] == crashed["run_id"] and resumed["resume"]
+  assert resumed["exit_code"] == 0 and sorted(resumed["history"]) == [2]
+  assert resumed["history"][2]["finetune1/loss"] == pytest.approx(losses[1])

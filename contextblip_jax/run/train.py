@@ -271,7 +271,7 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str, stage: str,
     step_fn, report = compilation.compile_step(step_fn, abstract, batch_abs, mesh=mesh,
                                          name=f"{stage} train_step")
   evaluator = _Eval(cfg, model, stage, mesh, state_sh, workdir)
-  writer = MetricWriter(workdir, stage=stage, config=cfg)   # + a W&B run (config.wandb)
+  writer = MetricWriter(workdir, stage=stage, config=cfg, resume=True)  # + W&B (one run)
   run = StageRun(cfg, workdir, stage, model, evaluator, writer, spe, total)
   start = int(state.step)
   summary: dict[str, Any] = {"stage": stage, "steps": total, "steps_per_epoch": spe,

@@ -42,10 +42,13 @@ class MetricWriter:
     enabled: default `jax.process_index() == 0`.
     config: the run's config; its `wandb` block (configs/common.py) turns W&B on, and the W&B
       run records the whole config. None: no W&B.
+    resume: the W&B run continues the one whose id `<logdir>/wandb/run_id` keeps, and a new
+      run's id is kept there (a training stage, resumed after a crash); False: a new W&B run
+      each time (evaluation). See storage/wandb_writer.py.
   """
 
   def __init__(self, logdir: str, stage: str = "", enabled: bool | None = None,
-               config: Any = None):
+               config: Any = None, resume: bool = False):
     self.logdir = logdir
     self.stage = stage
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
@@ -54,7 +57,7 @@ class MetricWriter:
     self._wandb = None
     if self.enabled:
       paths.makedirs(logdir, exist_ok=True)
-      self._wandb = wandb_writer.open_run(logdir, stage, config)   # first: fails before files
+      self._wandb = wandb_writer.open_run(logdir, stage, config, resume)  # first: fails early
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(logdir=paths.join(logdir, "tb"))
