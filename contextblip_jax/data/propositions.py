@@ -86,19 +86,23 @@ def resolve_file(setting: str, imagecode_dir: str = "") -> tuple[str | None, boo
   return None, False
 
 
+def load(setting: str, imagecode_dir: str = "") -> Propositions | None:
+  """The Propositions of a `propositions_file` setting ('auto', '' or a path; `resolve_file`),
+  or None when it names no file."""
+  path, explicit = resolve_file(setting, imagecode_dir)
+  return None if path is None else Propositions(path, load_propositions(path), explicit)
+
+
 def for_split(cfg: Any, split_name: str, descriptions: Iterable[str]) -> Propositions | None:
   """The propositions of an evaluation of `split_name` from `cfg.data.propositions_file`
   (absent = 'auto'), or None (not the valid split, off, or 'auto' with no file). An explicit
   file that matches none of `descriptions` raises PropositionsError before any scoring."""
   if split_name != "valid":
     return None
-  path, explicit = resolve_file(cfg.data.get("propositions_file", "auto"),
-                                cfg.data.get("imagecode_dir", ""))
-  if path is None:
-    return None
-  counts = load_propositions(path)
-  if explicit and not any(d in counts for d in descriptions):
-    raise PropositionsError(f"{path}: none of the split's descriptions is a key of this file "
-                            "(keys must be the descriptions exactly as in valid_data.json); "
-                            "use config.data.propositions_file='' to leave the analysis out")
-  return Propositions(path, counts, explicit)
+  props = load(cfg.data.get("propositions_file", "auto"), cfg.data.get("imagecode_dir", ""))
+  if props is not None and props.explicit and not any(d in props.counts for d in descriptions):
+    raise PropositionsError(f"{props.source}: none of the split's descriptions is a key of "
+                            "this file (keys must be the descriptions exactly as in "
+                            "valid_data.json); use config.data.propositions_file='' to leave "
+                            "the analysis out")
+  return props

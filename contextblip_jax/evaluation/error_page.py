@@ -234,11 +234,9 @@ def build_page(inp: PageInputs, log: Callable[[str], None] = print) -> str:
   if ann:
     tags, _ = imagecode.load_phenomenon_tags(ann)
     sources["phenomenon tags"] = ann
-  props = None
-  prop_path, explicit = props_lib.resolve_file(inp.propositions, inp.data_dir)
-  if prop_path:
-    props = props_lib.Propositions(prop_path, props_lib.load_propositions(prop_path), explicit)
-    sources["propositions"] = prop_path
+  props = props_lib.load(inp.propositions, inp.data_dir)
+  if props is not None:
+    sources["propositions"] = props.source
   overlays = load_overlays(inp.overlays) if inp.overlays else {}
   if inp.overlays:
     sources["overlays"] = inp.overlays

@@ -207,13 +207,6 @@ def render(rows: Sequence[Row], counts: props_lib.Propositions | None = None) ->
   return "\n".join(parts) if parts else "(no labelled evaluation to tabulate)\n"
 
 
-def load_counts(setting: str = "auto") -> props_lib.Propositions | None:
-  """The propositions of `--propositions` ('auto' = the repository's file when present)."""
-  path, explicit = props_lib.resolve_file(setting)
-  return None if path is None else props_lib.Propositions(
-      path, props_lib.load_propositions(path), explicit)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m contextblip_jax.results",
                               description="A run's evaluation outputs as the paper's tables.")
@@ -223,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default="", help="also write the markdown to this file")
   a = p.parse_args(argv)
   try:
-    text = render(find_reports(a.paths), load_counts(a.propositions))
+    text = render(find_reports(a.paths), props_lib.load(a.propositions))
   except (OSError, ValueError) as e:
     return cli_errors.report(e)
   print(text, end="")

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from contextblip_jax.data import propositions as props_lib
 from contextblip_jax.data import synthetic
 from contextblip_jax.evaluation import accuracy, error_page, paper_table
 from contextblip_jax.run import evaluate, train
@@ -236,7 +237,7 @@ def paper_tables(workdir: str) -> str:
   except FileNotFoundError:
     return ""
   return ("## In the paper's layout\n\n(`python -m contextblip_jax.results " + workdir
-          + "` prints these tables.)\n\n" + paper_table.render(rows, paper_table.load_counts()))
+          + "` prints these tables.)\n\n" + paper_table.render(rows, props_lib.load("auto")))
 
 
 def _write_report(workdir: str, summary: dict[str, Any]) -> None:
