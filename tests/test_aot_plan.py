@@ -78,6 +78,10 @@ def test_collective_parser_and_roofline():
   assert planning.hosts(planning.CHIPS["v5e"], 16) == 2                   # v5e:4x4: 2 x 8 chips
   assert planning.hosts(planning.CHIPS["v5p"], 8) == 2                    # v5p:2x2x2: 2 x 4 chips
   assert planning.hosts(planning.CHIPS["v5p"], 4) == 1
+  v5e = planning.CHIPS["v5e"]
+  assert planning.host_vms(v5e, 16) == (2, 224)                          # v5e:4x4
+  assert planning.host_vms(v5e, 8, num_slices=2) == (2, 112)             # 2 x v5e:2x2
+  assert planning.host_vms(v5e, 32, num_slices=2) == (4, 224)            # 2 x v5e:4x4
   with pytest.raises(planning.PlanError, match="unknown chip 'v9z'"):
     planning.chip_of_topology("v9z:2x2")
 

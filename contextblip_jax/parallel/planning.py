@@ -35,7 +35,6 @@ class Chip:
   chips_per_host: int         # chips per host VM in multi-host slices
   host_vcpus: int             # vCPUs of that host VM
   source: str
-  single_host_chips: int = 0  # largest slice on one host VM (0: chips_per_host)
 
 
 CHIPS: dict[str, Chip] = {
@@ -154,13 +153,21 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
 
 
 def hosts(chip: Chip | None, chips: int) -> int:
-  """Host VMs of a slice: one up to `single_host_chips` (default `chips_per_host`), else
-  `chips_per_host` chips each (v5e:4x4 -> 2, v5p:2x2x2 -> 2)."""
+  """Host VMs of a slice: `chips_per_host` chips each, one for a smaller slice (v5e:4x4 -> 2,
+  v5p:2x2x2 -> 2, v6e:2x2 -> 1)."""
   if chip is None:
     return 1
-  if chips <= (chip.single_host_chips or chip.chips_per_host):
-    return 1
-  return -(-chips // chip.chips_per_host)
+  return max(1, -(-chips // chip.chips_per_host))
+
+
+def host_vms(chip: Chip | None, chips: int, num_slices: int = 1) -> tuple[int, float]:
+  """(host VMs of `num_slices` slices of `chips` chips in all, vCPUs of each): a slice smaller
+  than one host VM gets that share of its vCPUs (v5e:2x2 -> 112 of a 224-vCPU host)."""
+  per_slice = chips // num_slices
+  if chip is None:
+    return num_slices, float("nan")
+  return (hosts(chip, per_slice) * num_slices,
+          chip.host_vcpus * min(1.0, per_slice / chip.chips_per_host))
 
 
 def roofline_s(flops: float, bytes_accessed: float, chip: Chip | None) -> float | None:

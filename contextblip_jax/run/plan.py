@@ -164,7 +164,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, num_slices: int = 1, *,
   step_s = planning.roofline_s(flops, nbytes, chip)
   size = model.config.blip.vision.image_size
   images = per_step * (1 if step == "train" and cfg.mode in ("backbone", "pretrain") else 10)
-  hosts = planning.hosts(chip, n // num_slices) * num_slices
+  hosts, host_vcpus = planning.host_vms(chip, n, num_slices)
   out: dict[str, Any] = {
       "mode": cfg.mode, "step": step, "topology": topology, "num_slices": num_slices,
       "platform": platform, "chips": n,
@@ -190,7 +190,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, num_slices: int = 1, *,
         "schedule_steps": steps, "schedule_hours": steps * step_s / 3600,
         "chip_hours": steps * step_s / 3600 * n, "hosts": hosts,
         "host_images_per_s": per_host, "host_vcpus_needed": per_host / rate,
-        "host_vcpus": chip.host_vcpus * min(1.0, n / chip.chips_per_host)})
+        "host_vcpus": host_vcpus})
   return out
 
 
@@ -248,9 +248,8 @@ def _host_cores(p: dict[str, Any], step_s: float | None) -> str:
   if not step_s or chip is None or not p.get("host_vcpus_needed"):
     return ""
   per_vcpu = p["host_images_per_s"] / p["host_vcpus_needed"]    # the input benchmark's rate
-  n = p["chips"] * p.get("num_slices", 1)
-  per_host = p["images_per_step"] / step_s / planning.hosts(chip, n)
-  vcpus = chip.host_vcpus * min(1.0, n / chip.chips_per_host)
+  hosts, vcpus = planning.host_vms(chip, p["chips"], p.get("num_slices", 1))   # chips: in all
+  per_host = p["images_per_step"] / step_s / hosts
   return f"{per_host:.0f} images/s, {per_host / per_vcpu:.0f} of {vcpus:.0f} vCPUs"
 
 
